@@ -1,0 +1,126 @@
+"""One way to check a kernel's output.
+
+* :func:`poisoned` / :func:`poison`: outputs start as NaN, so an element the kernel
+  forgot to write cannot pass (zeros would hide it).
+* :func:`assert_close`: dtype-aware tolerances, NaN never passes, and a message that says
+  how far off the worst element is and where.
+* :func:`assert_error_within`: flash-attn's rule of thumb for low-precision kernels: the
+  kernel's error against a high-precision reference may be at most ``factor`` times the
+  error of the same computation done by PyTorch in the input dtype, plus a small slack.
+
+All of them take torch tensors or NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (atol, rtol) per dtype of the *output*. float32 kernels differ from a float64 or
+# float32 reference by summation order only (~1e-6 relative); fp16 keeps 11 significant
+# bits (~5e-4), bf16 only 8 (~4e-3): the tolerances leave a few ulps for accumulation.
+TOLERANCES = {
+    "float64": (1e-10, 1e-8),
+    "float32": (1e-5, 1e-4),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1.6e-2),
+}
+
+
+def _to_numpy(x) -> np.ndarray:
+    try:
+        import torch
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", dtype=torch.float64).numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(x, "copy_to_host"):  # numba device array
+        x = x.copy_to_host()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _dtype_name(x) -> str:
+    return str(getattr(x, "dtype", "float64")).replace("torch.", "")
+
+
+def poison(x):
+    """Fill a float array/tensor with NaN in place and return it."""
+    if hasattr(x, "fill_"):
+        x.fill_(float("nan"))
+    else:
+        x[...] = np.nan
+    return x
+
+
+def poisoned(shape, dtype, device=None):
+    """A new NaN-filled torch tensor (use for outputs the kernel must fully write)."""
+    import torch
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius); inf if anything is NaN."""
+    a, e = _to_numpy(actual), _to_numpy(expected)
+    if np.isnan(a).any():
+        return float("inf")
+    denom = np.linalg.norm(e)
+    return float(np.linalg.norm(a - e) / (denom if denom > 0 else 1.0))
+
+
+def max_abs_error(actual, expected) -> float:
+    a, e = _to_numpy(actual), _to_numpy(expected)
+    finite = np.isfinite(e)
+    if np.isnan(a).any() or (a[~finite] != e[~finite]).any():
+        return float("inf")
+    return float(np.abs(a - e)[finite].max(initial=0.0))
+
+
+def assert_close(actual, expected, *, dtype=None, atol=None, rtol=None, name="output"):
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise.
+
+    Tolerances default from ``dtype`` (or ``actual``'s dtype). Infinities must match
+    exactly (lse of an empty row is +inf); NaN in ``actual`` always fails.
+    """
+    dname = _dtype_name(dtype if dtype is not None else actual)
+    d_atol, d_rtol = TOLERANCES.get(dname, TOLERANCES["float32"])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a, e = _to_numpy(actual), _to_numpy(expected)
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
+    if a.size == 0:
+        return
+    nan = np.isnan(a) & ~np.isnan(e)
+    if nan.any():
+        idx = tuple(int(i) for i in np.argwhere(nan)[0])
+        raise AssertionError(f"{name}: {int(nan.sum())} of {a.size} elements are NaN "
+                             f"(first at {idx}): never written, or computed from garbage")
+    inf = ~np.isfinite(e)
+    if (a[inf] != e[inf]).any():
+        idx = tuple(int(i) for i in np.argwhere(inf & (a != e))[0])
+        raise AssertionError(f"{name}: at {idx} expected {e[idx]}, got {a[idx]}")
+    with np.errstate(invalid="ignore"):  # inf - inf where both are inf: masked next
+        err = np.where(inf, 0.0, np.abs(a - e))
+    bound = atol + rtol * np.where(inf, 0.0, np.abs(e))
+    bad = err > bound
+    if bad.any():
+        idx = np.unravel_index(int(np.argmax(err - bound)), err.shape)
+        raise AssertionError(
+            f"{name} ({dname}): {int(bad.sum())} of {a.size} elements out of tolerance "
+            f"(atol={atol:g}, rtol={rtol:g}); worst at {tuple(int(i) for i in idx)}: "
+            f"got {a[idx]:.6g}, expected {e[idx]:.6g}; max abs error "
+            f"{err.max():.3g}, relative error {rel_error(a, e):.3g}")
+
+
+def assert_error_within(actual, baseline, reference, *, factor: float = 2.0,
+                        slack: float = 1e-5, name="output"):
+    """flash-attn's test rule: max|actual - ref| <= factor * max|baseline - ref| + slack.
+
+    ``baseline`` is the same computation done by PyTorch in the kernel's own precision
+    (e.g. attention on bf16 tensors); ``reference`` is the float32/float64 ground truth.
+    A low-precision kernel is then held to "no worse than PyTorch at that precision".
+    """
+    err = max_abs_error(actual, reference)
+    base = max_abs_error(baseline, reference)
+    if not err <= factor * base + slack:
+        raise AssertionError(f"{name}: max abs error {err:.3g} exceeds {factor:g} x "
+                             f"PyTorch-in-same-precision error {base:.3g} + {slack:g}")

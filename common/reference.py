@@ -1,0 +1,104 @@
+"""Reference implementations: the one ground truth each kernel is checked against.
+
+Attention here follows flash-attn's conventions, so every lesson can compare to it:
+
+* layout (batch, seqlen, heads, headdim); ``softmax_scale`` defaults to headdim ** -0.5;
+* grouped-query / multi-query attention: heads_q a multiple of heads_k, query head ``h``
+  reads key/value head ``h // (heads_q // heads_k)``;
+* ``causal`` is aligned bottom-right when seqlen_q != seqlen_k (flash-attn >= 2.1):
+  query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q``;
+* a query row that sees no key at all outputs zeros and has lse = +inf (flash-attn's and
+  FlashMLA's convention);
+* value head dim may differ from the query/key head dim (MLA decoding: 576 and 512);
+* the log-sum-exp is natural-log, float32-or-wider, shape (batch, heads_q, seqlen_q).
+
+Everything is computed in ``compute_dtype`` (float32 by default, float64 for the
+strictest checks) from upcast inputs, on whatever device the inputs are on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_attention_shapes(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D (batch, seqlen, heads, headdim)")
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"batch/seqlen/heads mismatch: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"heads_q={q.shape[2]} is not a multiple of heads_k={k.shape[2]}")
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  softmax_scale: float | None = None, causal: bool = False,
+                  compute_dtype: torch.dtype = torch.float32):
+    """Exact attention. Returns ``(out, lse)``.
+
+    out: (batch, seqlen_q, heads_q, headdim_v) in ``compute_dtype``;
+    lse: (batch, heads_q, seqlen_q) in ``compute_dtype``, +inf for rows with no key.
+    """
+    _check_attention_shapes(q, k, v)
+    batch, seqlen_q, heads_q, d = q.shape
+    seqlen_k, heads_k = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    group = heads_q // heads_k
+
+    qf = q.to(compute_dtype).transpose(1, 2)                       # b, hq, sq, d
+    kf = k.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    vf = v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale             # b, hq, sq, sk
+    if causal:
+        i = torch.arange(seqlen_q, device=q.device)[:, None]
+        j = torch.arange(seqlen_k, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                               # -inf where no key
+    empty = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])     # exp(-inf) = 0 rows
+    out = torch.matmul(p, vf).transpose(1, 2)                      # b, sq, hq, dv
+    lse = torch.where(empty, math.inf, lse)
+    return out.contiguous(), lse
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None,
+                         causal=False, compute_dtype=torch.float32):
+    """Attention over packed sequences (flash-attn's varlen layout).
+
+    q: (total_q, heads_q, d); k, v: (total_k, heads_k, d[v]); cu_seqlens_*: int32
+    (batch + 1,) cumulative lengths. Returns out (total_q, heads_q, dv) and lse
+    (heads_q, total_q), each sequence attended on its own.
+    """
+    total_q, heads_q = q.shape[0], q.shape[1]
+    out = torch.zeros(total_q, heads_q, v.shape[-1], dtype=compute_dtype, device=q.device)
+    lse = torch.full((heads_q, total_q), math.inf, dtype=compute_dtype, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:  # no keys: zeros and +inf, already there
+            continue
+        o_b, lse_b = attention_ref(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                   softmax_scale, causal, compute_dtype)
+        out[q0:q1] = o_b[0]
+        lse[:, q0:q1] = lse_b[0]
+    return out, lse
+
+
+def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, heads: int, headdim: int,
+                    causal: bool = False, mode: str = "fwd") -> float:
+    """FLOPs in the FlashAttention papers' convention.
+
+    forward: 4 * b * sq * sk * h * d (two matmuls), halved when causal;
+    backward: 2.5x forward (five matmuls, the recomputation of S included);
+    ``mode`` is "fwd", "bwd" or "fwd_bwd".
+    """
+    f = 4.0 * batch * seqlen_q * seqlen_k * heads * headdim
+    if causal:
+        f /= 2
+    return {"fwd": f, "bwd": 2.5 * f, "fwd_bwd": 3.5 * f}[mode]

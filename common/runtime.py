@@ -169,10 +169,16 @@ def torch_device() -> str:
     return "cuda" if is_gpu() else "cpu"
 
 
+def small_sizes() -> bool:
+    """Small problems even on a GPU: ``COURSE_SIZES=small`` (what ``make sanitize`` sets,
+    since compute-sanitizer slows kernels down 10-100x)."""
+    return os.environ.get("COURSE_SIZES", "").lower() == "small"
+
+
 def pick(gpu, emulation):
     """A problem size (or anything) for the active mode: real sizes on a GPU, small ones
-    under emulation, where every CUDA thread is a Python thread."""
-    return gpu if is_gpu() else emulation
+    under emulation, where every CUDA thread is a Python thread (or with COURSE_SIZES=small)."""
+    return gpu if is_gpu() and not small_sizes() else emulation
 
 
 def banner() -> str:

@@ -20,6 +20,8 @@ LESSONS = REPO / "lessons"
 
 def all_lessons() -> list[Path]:
     """The lesson folders, in order (``lessons/NN_name`` with a main.py)."""
+    if not LESSONS.is_dir():
+        return []
     return sorted(p for p in LESSONS.iterdir()
                   if p.is_dir() and re.match(r"^\d\d_", p.name) and (p / "main.py").exists())
 

@@ -102,3 +102,39 @@ def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, heads: int, headdi
     if causal:
         f /= 2
     return {"fwd": f, "bwd": 2.5 * f, "fwd_bwd": 3.5 * f}[mode]
+
+
+def paged_mla_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                         cache_seqlens: torch.Tensor, head_dim_v: int = 512,
+                         softmax_scale: float | None = None, causal: bool = False,
+                         compute_dtype: torch.dtype = torch.float32):
+    """Attention over a paged KV cache, FlashMLA's decoding convention. Returns ``(out, lse)``.
+
+    q: (batch, seqlen_q, heads_q, d); k_cache: (num_pages, page_size, heads_k, d), where
+    the values are the first ``head_dim_v`` channels of the keys (MLA: d = 576, dv = 512);
+    block_table: (batch, max_pages) page indices, sequence ``b``'s token ``j`` lives in page
+    ``block_table[b, j // page_size]`` at row ``j % page_size``; cache_seqlens: (batch,).
+    Only the slots a sequence owns are read: the first ``ceil(len / page_size)`` table
+    entries and the first ``len`` rows they cover, so garbage anywhere else is harmless.
+    ``causal`` (seqlen_q > 1, speculative decoding): query ``i`` sees keys
+    ``j <= len - seqlen_q + i``, attention_ref's bottom-right alignment.
+
+    out: (batch, seqlen_q, heads_q, head_dim_v), lse: (batch, heads_q, seqlen_q), both in
+    ``compute_dtype``; a query with no visible key gives zeros and lse = +inf.
+    """
+    batch, seqlen_q, heads_q, d = q.shape
+    page_size = k_cache.shape[1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(batch, seqlen_q, heads_q, head_dim_v, dtype=compute_dtype,
+                      device=q.device)
+    lse = torch.full((batch, heads_q, seqlen_q), math.inf, dtype=compute_dtype,
+                     device=q.device)
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if n <= 0:
+            continue
+        pages = block_table[b, :(n + page_size - 1) // page_size].long()
+        k = k_cache[pages].flatten(0, 1)[:n]                       # n, heads_k, d
+        o_b, lse_b = attention_ref(q[b:b + 1], k[None], k[None, ..., :head_dim_v],
+                                   scale, causal, compute_dtype)
+        out[b], lse[b] = o_b[0], lse_b[0]
+    return out, lse

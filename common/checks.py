@@ -39,7 +39,17 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def _dtype_name(x) -> str:
-    return str(getattr(x, "dtype", "float64")).replace("torch.", "")
+    """'float32' for a tensor or array, and for a dtype given as such (``dtype=torch.float16``,
+    ``np.float32``, ``"bfloat16"``); 'float64' for anything without a dtype."""
+    if isinstance(x, str):
+        return x.replace("torch.", "")
+    if isinstance(x, type) and issubclass(x, np.generic):
+        return np.dtype(x).name
+    if hasattr(x, "dtype"):
+        x = x.dtype
+    elif not isinstance(x, np.dtype) and type(x).__name__ != "dtype":
+        return "float64"
+    return str(x).replace("torch.", "")
 
 
 def poison(x):

@@ -41,6 +41,7 @@ def read_properties(device_id: int = 0) -> dict:
     from cuda.core import Device
 
     dev = Device(device_id)
+    dev.set_current()   # initializes CUDA on this thread (the primary context)
     p = dev.properties  # DeviceProperties: each attribute is one cuDeviceGetAttribute call
     cc = dev.compute_capability
     return {

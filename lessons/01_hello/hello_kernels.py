@@ -30,12 +30,14 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
 
 from common import runtime  # noqa: F401  (before numba: selects the GPU or the simulator)
 from numba import cuda
+from numba.core.errors import NumbaPerformanceWarning
 
 # Every NVIDIA GPU since compute capability 2.0 allows at most 1024 threads per block
 # (device_props.py reads it from the device: max_threads_per_block).
@@ -125,6 +127,17 @@ def _check_block_size(block_size) -> int:
     return block_size
 
 
+@contextmanager
+def _small_grids_are_the_point():
+    """Numba warns about grids of fewer than 128 blocks ("will likely result in GPU
+    under-utilization"): true, since an H100 has 132 SMs, each able to hold several
+    blocks (device_props.py). Here tiny grids are what we want to look at, so that
+    warning is silenced around this lesson's launches, and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumbaPerformanceWarning)
+        yield
+
+
 # ----------------------------------------------------------------------------------------
 # Wrappers: validate, allocate, launch, return NumPy arrays.
 
@@ -140,7 +153,8 @@ def say_hello(num_blocks: int = 2, block_size: int = 4) -> None:
         with _whole_lines():
             hello_kernel[num_blocks, block_size]()
     else:
-        hello_kernel[num_blocks, block_size]()
+        with _small_grids_are_the_point():
+            hello_kernel[num_blocks, block_size]()
         cuda.synchronize()   # the launch is asynchronous; device printf flushes here ...
         _flush_c_stdout()    # ... into C's stdout buffer, which we flush to the terminal
 
@@ -152,7 +166,8 @@ def global_index(n: int, block_size: int = 256) -> np.ndarray:
     if n == 0:
         return np.empty(0, dtype=np.int64)
     out = cuda.to_device(np.full(n, POISON, dtype=np.int64))
-    global_index_kernel[num_blocks_for(n, block_size), block_size](out)
+    with _small_grids_are_the_point():
+        global_index_kernel[num_blocks_for(n, block_size), block_size](out)
     return out.copy_to_host()
 
 
@@ -164,7 +179,8 @@ def whoami(n: int, block_size: int) -> dict[str, np.ndarray]:
     if n == 0:
         return {f: np.empty(0, dtype=np.int64) for f in fields}
     outs = [cuda.to_device(np.full(n, POISON, dtype=np.int64)) for _ in fields]
-    whoami_kernel[num_blocks_for(n, block_size), block_size](*outs)
+    with _small_grids_are_the_point():
+        whoami_kernel[num_blocks_for(n, block_size), block_size](*outs)
     return {f: o.copy_to_host() for f, o in zip(fields, outs)}
 
 
@@ -178,7 +194,8 @@ def grid_stride_index(n: int, block_size: int, num_blocks: int) -> tuple[np.ndar
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     index = cuda.to_device(np.full(n, POISON, dtype=np.int64))
     writer = cuda.to_device(np.full(n, POISON, dtype=np.int64))
-    grid_stride_kernel[num_blocks, block_size](index, writer)
+    with _small_grids_are_the_point():
+        grid_stride_kernel[num_blocks, block_size](index, writer)
     return index.copy_to_host(), writer.copy_to_host()
 
 

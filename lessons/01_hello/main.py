@@ -63,18 +63,20 @@ def part2_indices():
         pic.add_row(field, *[str(v) for v in who[field]])
     console.print(pic)
 
-    checks = Table(title="every thread writes its index; checked against NumPy")
-    for col in ("kernel", "n", "block", "grid", "threads", "idle threads", "check"):
-        checks.add_column(col, justify="right" if col not in ("kernel", "check") else "left")
+    checks = Table(title="every thread writes its index; each result == its NumPy spec")
+    for col in ("kernel", "n", "block x grid", "idle threads", "spec"):
+        checks.add_column(col, justify="left" if col in ("kernel", "spec") else "right")
+
+    def row(kernel, n, block, grid, spec, idle=None):
+        idle = grid * block - n if idle is None else idle
+        checks.add_row(kernel, f"{n:,}", f"{block} x {grid:,}", f"{idle:,}", f"[green]{spec}[/green]")
 
     sizes = runtime.pick([1, 17, 1000, 10_000_019], [1, 17, 1000])
     for n in sizes:
         for block in (32, 256, 1024):
-            grid = hk.num_blocks_for(n, block)
             got = hk.global_index(n, block_size=block)
             assert_close(got, np.arange(n), atol=0, rtol=0, name=f"global_index(n={n}, block={block})")
-            checks.add_row("global_index", f"{n:,}", str(block), str(grid), f"{grid * block:,}",
-                           str(grid * block - n), "[green]= arange(n)[/green]")
+            row("global_index", n, block, hk.num_blocks_for(n, block), "arange(n)")
 
     # A block of 48 threads is one full warp and half of another.
     n = runtime.pick(1_000_003, int(rng.integers(100, 300)))
@@ -82,9 +84,7 @@ def part2_indices():
     spec = hk.whoami_spec(n, block_size=48)
     for field in spec:
         assert_close(got[field], spec[field], atol=0, rtol=0, name=f"whoami {field}")
-    grid = hk.num_blocks_for(n, 48)
-    checks.add_row("whoami", f"{n:,}", "48", str(grid), f"{grid * 48:,}", str(grid * 48 - n),
-                   "[green]= whoami_spec[/green]")
+    row("whoami", n, 48, hk.num_blocks_for(n, 48), "whoami_spec")
 
     # Grid-stride: the grid is sized for the machine, not for the data.
     block, blocks = runtime.pick((256, 4 * 132), (32, 2))
@@ -93,8 +93,7 @@ def part2_indices():
     want_index, want_writer = hk.grid_stride_spec(n, block, blocks)
     assert_close(index, want_index, atol=0, rtol=0, name="grid_stride index")
     assert_close(writer, want_writer, atol=0, rtol=0, name="grid_stride writer")
-    checks.add_row("grid_stride", f"{n:,}", str(block), str(blocks), f"{block * blocks:,}",
-                   "0", f"[green]thread i % {block * blocks} wrote i[/green]")
+    row("grid_stride", n, block, blocks, f"writer = i % {block * blocks}", idle=max(0, block * blocks - n))
     console.print(checks)
 
 
@@ -141,7 +140,9 @@ def part4_nvrtc():
     console.print(nvrtc_saxpy.SAXPY_SOURCE.strip(), highlight=False, markup=False, soft_wrap=True)
     if runtime.is_gpu():
         from cuda.core import Device
-        arch = f"sm_{Device(0).arch}"
+        dev = Device(0)
+        dev.set_current()
+        arch = f"sm_{dev.arch}"   # a cubin runs only on the arch it was built for
     else:
         arch = nvrtc_saxpy.DEFAULT_ARCH
     t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def part4_nvrtc():
         return
     import torch
     from common.checks import poisoned
-    kernel = module.get_kernel("saxpy")
+    kernel = nvrtc_saxpy.load_saxpy(0)
     console.print(f"loaded on the GPU: {kernel.num_arguments} arguments, "
                   f"{kernel.attributes.num_regs} registers per thread")
     table = Table(title="saxpy (NVRTC, launched with cuda.core) vs NumPy float64")

@@ -13,7 +13,8 @@ into GPU machine code at run time and launches it, with no nvcc and no build ste
 * :func:`ptx_of` returns the PTX, the assembly-like text one level above machine code, via
   the lower-level ``cuda.bindings.nvrtc`` (cuda.core 1.2's ``compile("ptx")`` asks the
   driver which PTX version it can load, so it needs a driver; the raw NVRTC call does not).
-* :func:`saxpy` launches the cubin on torch tensors (GPU only).
+* :func:`load_saxpy` loads the cubin onto a GPU; :func:`saxpy` launches it on torch
+  tensors (GPU only).
 
 The kernel is SAXPY (``out = a * x + y``, "single-precision a times x plus y", the BLAS
 routine), the smallest kernel that reads and writes memory.
@@ -123,11 +124,18 @@ def saxpy_module(arch: str = DEFAULT_ARCH):
     return compile_cuda(SAXPY_SOURCE, name="saxpy.cu", arch=arch)
 
 
-class _TorchStream:
-    """cuda.core launches on anything with ``__cuda_stream__`` -> (version, handle).
+@functools.lru_cache(maxsize=None)
+def load_saxpy(device_index: int = 0):
+    """Compile for this GPU's arch and load the cubin onto it, once per device."""
+    from cuda.core import Device
 
-    Launching on torch's *current* stream keeps our kernel ordered after the torch ops
-    that produced x and y, and lets torch.cuda graphs capture it."""
+    dev = Device(device_index)
+    dev.set_current()  # the primary context: the same one torch and Numba use
+    return saxpy_module(f"sm_{dev.arch}").get_kernel("saxpy")
+
+
+class _TorchStream:
+    """The ``__cuda_stream__`` protocol: (version 0, the cudaStream_t as an int)."""
 
     def __init__(self, torch_stream):
         self._handle = torch_stream.cuda_stream
@@ -136,10 +144,26 @@ class _TorchStream:
         return (0, self._handle)
 
 
+_streams: dict = {}
+
+
+def _cuda_core_stream(device_index: int, torch_stream):
+    """torch's stream as a ``cuda.core.Stream`` (wrapped once per stream handle).
+
+    Launching on torch's *current* stream keeps our kernel ordered after the torch ops
+    that produced x and y (and lets torch.cuda graphs capture it)."""
+    from cuda.core import Device
+
+    key = (device_index, torch_stream.cuda_stream)
+    if key not in _streams:
+        _streams[key] = Device(device_index).create_stream(_TorchStream(torch_stream))
+    return _streams[key]
+
+
 def saxpy(a: float, x, y, *, out=None, block_size: int = 256):
     """``out = a * x + y`` for 1-D float32 CUDA tensors, with the NVRTC-compiled kernel."""
     import torch
-    from cuda.core import Device, LaunchConfig, launch
+    from cuda.core import LaunchConfig, launch
 
     if not all(isinstance(t, torch.Tensor) for t in (x, y)):
         raise TypeError("x and y must be torch tensors")
@@ -164,12 +188,11 @@ def saxpy(a: float, x, y, *, out=None, block_size: int = 256):
     if n == 0:
         return out
 
-    dev = Device(x.device.index if x.device.index is not None else 0)
-    dev.set_current()
-    kernel = saxpy_module(f"sm_{dev.arch}").get_kernel("saxpy")
+    kernel = load_saxpy(x.device.index if x.device.index is not None else 0)
     config = LaunchConfig(grid=(n + block_size - 1) // block_size, block=block_size)
     # Arguments are passed by value in the order of the C++ signature: NumPy scalars
     # carry the exact C type (float, unsigned long long); a Python int is a pointer.
-    launch(_TorchStream(torch.cuda.current_stream(x.device)), config, kernel,
+    stream = _cuda_core_stream(x.device.index or 0, torch.cuda.current_stream(x.device))
+    launch(stream, config, kernel,
            np.float32(a), x.data_ptr(), y.data_ptr(), out.data_ptr(), np.uint64(n))
     return out

@@ -138,6 +138,7 @@ class _TorchStream:
     """The ``__cuda_stream__`` protocol: (version 0, the cudaStream_t as an int)."""
 
     def __init__(self, torch_stream):
+        self._torch_stream = torch_stream  # cuda.core keeps this object, so torch's stream lives
         self._handle = torch_stream.cuda_stream
 
     def __cuda_stream__(self):
@@ -151,7 +152,7 @@ def _cuda_core_stream(device_index: int, torch_stream):
     """torch's stream as a ``cuda.core.Stream`` (wrapped once per stream handle).
 
     Launching on torch's *current* stream keeps our kernel ordered after the torch ops
-    that produced x and y (and lets torch.cuda graphs capture it)."""
+    that produced x and y (and is what CUDA-graph capture on that stream requires)."""
     from cuda.core import Device
 
     key = (device_index, torch_stream.cuda_stream)

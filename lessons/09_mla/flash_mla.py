@@ -1,0 +1,539 @@
+"""FlashMLA's decoding interface in Triton: split-KV attention over a paged MLA cache.
+
+After the up-projections are absorbed (see ``mla_layer.py``), decoding one token of
+Multi-head Latent Attention is multi-query attention: every query head reads the same
+cache rows of 576 values (512 latent + 64 RoPE key), and the values are the first 512
+channels of those same rows. This module serves that computation through the interface
+of DeepSeek's FlashMLA:
+
+    tile_scheduler_metadata, num_splits = get_mla_metadata(
+        cache_seqlens, seqlen_q * heads_q // heads_k, heads_k)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
+                                      tile_scheduler_metadata, num_splits, causal=...)
+
+Three kernels, in the order they run:
+
+1. ``_mla_plan_kernel`` (one program): cuts the batch's key blocks into ``num_sm_parts``
+   equal pieces of work, so that one long and many short sequences finish together.
+   A piece may end in the middle of a sequence: that sequence is then *split*.
+2. ``_mla_decode_kernel``: program (m_block, kv head, part) walks the blocks of its part,
+   page by page. Its BLOCK_M query rows are (seqlen_q x heads of one kv head) folded
+   together, so one 64 x 576 tile of the cache, loaded once from HBM, serves every head:
+   that is what makes MLA decoding cheap. The first dot uses all 576 channels, the second
+   reuses the first 512 of the same tile as V. A sequence with one split writes its
+   output directly; otherwise it writes an fp32 partial output and its log-sum-exp.
+3. ``_mla_combine_kernel``: merges the partial outputs of split sequences through their
+   log-sum-exps, out = sum_i exp(lse_i - lse) * o_i with lse = log sum_i exp(lse_i).
+
+Everything is masked by ``cache_seqlens`` *before* it is loaded: table slots and cache
+rows that no sequence owns are never read (the tests fill them with NaN and garbage).
+Names follow FlashAttention-2: ``m_i`` running max, ``l_i`` running sum, ``acc`` the
+unnormalised output, exp2 with log2(e) folded into the scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from common import runtime  # before triton: selects GPU or the interpreter
+
+import torch
+import triton
+import triton.language as tl
+
+PAGE_SIZE = 64            # tokens per cache page (FlashMLA's block size); also BLOCK_N
+HEAD_DIM_K = 576          # 512 latent + 64 RoPE key
+HEAD_DIM_V = 512          # V = the latent = the first 512 channels of K
+HEAD_DIM_ROPE = HEAD_DIM_K - HEAD_DIM_V
+FIXED_OVERHEAD_NUM_BLOCKS = 5     # a sequence's fixed cost in the plan, in blocks (FlashMLA's)
+TILE_SCHEDULER_METADATA_SIZE = 8  # int32 per split: sequence, first key, end key, 5 unused
+EMULATED_SM_COUNT = 8     # "SMs" under the interpreter: small, so plans still split
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+class MLAConfig(NamedTuple):
+    """Tile sizes of the decode kernel (``main.py --sweep`` compares them)."""
+    block_m: int = 64        # folded query rows per program (seqlen_q x heads per kv head)
+    block_dv: int = 512      # output channels per program: 512, or 256 to halve registers
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def default_config(rows: int) -> MLAConfig:
+    """The config for ``rows = seqlen_q * heads_q // heads_k`` folded query rows.
+
+    BLOCK_M = 64 (FlashMLA's): Hopper's tensor-core instruction works on 64 rows per
+    warpgroup, and a 64 x 512 fp32 accumulator already takes 128 registers per thread
+    with 8 warps, so 128 rows do not fit; 128 rows become two programs that read the same
+    cache tiles (the second read mostly hits L2).
+    """
+    return MLAConfig()
+
+
+# ----------------------------------------------------------------------------------------
+# 1. The plan: cut the batch's keys into splits, num_sm_parts equal shares of work.
+
+@triton.jit
+def _mla_plan_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
+                     BLOCK_N: tl.constexpr, OVERHEAD: tl.constexpr, BLOCK_B: tl.constexpr,
+                     META: tl.constexpr):
+    # Total work in blocks of BLOCK_N keys, plus a fixed overhead per sequence (loading
+    # its queries, writing its output) so that empty sequences still cost something.
+    total = 0
+    for start in range(0, batch, BLOCK_B):
+        offs = start + tl.arange(0, BLOCK_B)
+        n = tl.load(seqlens_ptr + offs, mask=offs < batch, other=0)
+        total += tl.sum(tl.where(offs < batch, (n + BLOCK_N - 1) // BLOCK_N + OVERHEAD, 0))
+    payload = (total + num_parts - 1) // num_parts + OVERHEAD
+
+    # Walk the sequences once, handing each part `payload` blocks. A part that cannot
+    # take all of a sequence's remaining blocks takes what fits, and the sequence gets
+    # one more split. Each split becomes one row of the metadata, in sequence order, so
+    # split w of the batch is row w: [sequence, first key, end key]. (One program,
+    # scalar code: it runs once per decoding step, shared by all layers.)
+    now_idx = batch * 0          # the sequence being handed out (int32 scalars)
+    now_block = batch * 0        # its first block not yet handed out
+    now_split = batch * 0        # how many of its splits were handed out already
+    cum_splits = batch * 0       # splits of the sequences before it = its first row
+    tl.store(num_splits_ptr, cum_splits)
+    for part in range(num_parts):
+        remain = payload
+        go = now_idx < batch
+        while go:
+            seqlen = tl.load(seqlens_ptr + now_idx)
+            rest = (seqlen + BLOCK_N - 1) // BLOCK_N - now_block
+            row = meta_ptr + (cum_splits + now_split) * META
+            if remain >= rest + OVERHEAD:        # the rest of this sequence fits
+                tl.store(row + 0, now_idx)
+                tl.store(row + 1, now_block * BLOCK_N)
+                tl.store(row + 2, seqlen)
+                cum_splits += now_split + 1
+                tl.store(num_splits_ptr + now_idx + 1, cum_splits)
+                remain -= rest + OVERHEAD
+                now_idx += 1
+                now_block = now_block * 0
+                now_split = now_split * 0
+                go = now_idx < batch
+            else:                                # take what fits: one more split
+                if remain - OVERHEAD > 0:
+                    tl.store(row + 0, now_idx)
+                    tl.store(row + 1, now_block * BLOCK_N)
+                    tl.store(row + 2, (now_block + remain - OVERHEAD) * BLOCK_N)
+                    now_block += remain - OVERHEAD
+                    now_split += 1
+                    remain = remain * 0
+                go = now_idx < 0                 # i.e. False, as a tensor
+
+
+def _num_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return EMULATED_SM_COUNT
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
+                     num_heads_k: int, *, num_sm_parts: int | None = None):
+    """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
+
+    cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
+    (the folded query rows of one kv head). The keys of the batch, plus a fixed cost per
+    sequence, are cut into num_sm_parts equal shares, num_sm_parts = SMs / heads_k /
+    m blocks, so that the (m blocks, heads_k, splits) programs fill the GPU about once
+    whatever the lengths; a share that ends inside a sequence splits it.
+
+    num_splits: int32 (batch + 1,), cumulative: sequence b owns splits num_splits[b] to
+    num_splits[b + 1] - 1 (FlashMLA's convention). tile_scheduler_metadata: int32
+    (batch + num_sm_parts, 8), one row per split, [sequence, first key, end key, 0, ...];
+    rows past the last split hold -1 (each share splits at most one sequence, so there
+    are at most batch + num_sm_parts splits). FlashMLA's rows describe shares and its
+    programs loop over them; ours give each split its own program, because a loop over
+    sequences around the key loop made Triton spill registers (see the README).
+    ``num_sm_parts`` overrides the count (tests use it to force many splits).
+    """
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:
+        raise ValueError("cache_seqlens must be a 1-D tensor (batch,)")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if num_heads_per_head_k < 1 or num_heads_k < 1:
+        raise ValueError("num_heads_per_head_k and num_heads_k must be positive")
+    batch = cache_seqlens.shape[0]
+    if num_sm_parts is None:
+        m_blocks = triton.cdiv(num_heads_per_head_k, default_config(num_heads_per_head_k).block_m)
+        num_sm_parts = max(1, _num_sm(cache_seqlens.device) // num_heads_k // m_blocks)
+    dev = cache_seqlens.device
+    meta = torch.full((batch + num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), -1,
+                      dtype=torch.int32, device=dev)
+    meta[:, 3:] = 0
+    num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    if batch > 0:
+        _mla_plan_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
+                               num_sm_parts, BLOCK_N=PAGE_SIZE,
+                               OVERHEAD=FIXED_OVERHEAD_NUM_BLOCKS, BLOCK_B=256,
+                               META=TILE_SCHEDULER_METADATA_SIZE, num_warps=1)
+    return meta, num_splits
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The decode kernel.
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q_c, q_r, k_base, n, block_table_row, seqlen_k, limit,
+                  stride_kp, stride_kt, offs_n, offs_c, offs_r, offs_v, qk_scale,
+                  BLOCK_N: tl.constexpr, D_LATENT: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """One page of keys: s = q k^T, online softmax, acc += p v.
+
+    ``n`` < the sequence's page count, so its table slot is owned. Rows of the last page
+    past the sequence's end are not owned (they may hold NaN): their loads are pointed at
+    the page's row 0, which is owned, and their scores are masked to -inf below, so
+    p = 0 multiplies finite values. No load needs a mask, and one loop body serves
+    every block.
+    """
+    page = tl.load(block_table_row + n).to(tl.int64)
+    tok = n * BLOCK_N + offs_n
+    row = tl.where(tok < seqlen_k, offs_n, 0)
+    k_rows = k_base + page * stride_kp + row * stride_kt              # (BLOCK_N,) pointers
+    k_c = tl.load(k_rows[:, None] + offs_c[None, :])                   # latent = V
+    k_r = tl.load(k_rows[:, None] + D_LATENT + offs_r[None, :])       # RoPE key
+    if DOT_FP32:  # the interpreter's bf16 dot is unreliable: same math in fp32
+        s = tl.dot(q_c.to(tl.float32), tl.trans(k_c.to(tl.float32)), input_precision="ieee")
+        s = tl.dot(q_r.to(tl.float32), tl.trans(k_r.to(tl.float32)), s, input_precision="ieee")
+    else:
+        s = tl.dot(q_c, tl.trans(k_c))
+        s = tl.dot(q_r, tl.trans(k_r), s)
+    # Scores in log2 units; keys past the end, or (causal) past the row's last visible
+    # key, get -inf.
+    s = tl.where(tok[None, :] < limit[:, None], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet: p = 0
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if BLOCK_DV == D_LATENT:
+        v = k_c                      # the same tile, already on chip
+    else:                            # a slice of it (a second read, from L1/L2)
+        v = tl.load(k_rows[:, None] + offs_v[None, :])
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _mla_decode_kernel(
+        q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr,
+        out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr,
+        stride_qb, stride_qs, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_bt,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_lh,
+        stride_as, stride_ah,                       # o_acc (splits, hk, rows, 512), row 512
+        seqlen_q, group, rows, qk_scale,
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DV: tl.constexpr,
+        META: tl.constexpr, DOT_FP32: tl.constexpr):
+    NUM_DV: tl.constexpr = D_LATENT // BLOCK_DV
+    pid_m = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)        # one program per split of the plan (and m/dv block)
+    m_block = pid_m // NUM_DV
+    dv_block = pid_m % NUM_DV
+
+    b = tl.load(meta_ptr + split * META + 0)
+    if b >= 0:                      # rows past the plan's last split hold -1
+        n_lo = tl.load(meta_ptr + split * META + 1) // BLOCK_N
+        n_hi = tl.cdiv(tl.load(meta_ptr + split * META + 2), BLOCK_N)
+        seqlen_k = tl.load(seqlens_ptr + b)
+        n_splits = tl.load(num_splits_ptr + b + 1) - tl.load(num_splits_ptr + b)
+        b64 = tl.full([], 0, tl.int64) + b     # 64-bit offsets: big caches pass 2**31
+
+        # Folded query rows r = s * group + g: query position s, head hk * group + g.
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < rows
+        s_idx = offs_m // group
+        head = hk * group + offs_m % group
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_c = tl.arange(0, D_LATENT)
+        offs_r = tl.arange(0, D_ROPE)
+        offs_v = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+
+        q_rows = q_ptr + b64 * stride_qb + s_idx * stride_qs + head * stride_qh
+        q_c = tl.load(q_rows[:, None] + offs_c[None, :], mask=row_ok[:, None], other=0.0)
+        q_r = tl.load(q_rows[:, None] + D_LATENT + offs_r[None, :], mask=row_ok[:, None],
+                      other=0.0)
+
+        # Keys j < limit[row] are visible to folded row `row`.
+        if CAUSAL:
+            limit = seqlen_k - seqlen_q + 1 + s_idx
+        else:
+            limit = seqlen_k + s_idx * 0
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        bt_row = block_table_ptr + b64 * stride_bt
+        k_base = k_ptr + hk * stride_kh
+        for n in range(n_lo, n_hi):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q_c, q_r, k_base, n, bt_row,
+                                          seqlen_k, limit, stride_kp, stride_kt, offs_n,
+                                          offs_c, offs_r, offs_v, qk_scale, BLOCK_N,
+                                          D_LATENT, BLOCK_DV, DOT_FP32)
+
+        empty = l_i == 0.0                      # no visible key in this range
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+        if n_splits == 1:                       # the whole sequence: final output
+            out_rows = out_ptr + b64 * stride_ob + s_idx * stride_os + head * stride_oh
+            tl.store(out_rows[:, None] + offs_v[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+            if dv_block == 0:
+                tl.store(lse_ptr + b64 * stride_lb + head * stride_lh + s_idx,
+                         tl.where(empty, float("inf"), lse), mask=row_ok)
+        else:                                   # one split: fp32 partial + its lse
+            split64 = tl.full([], 0, tl.int64) + split
+            acc_rows = o_acc_ptr + split64 * stride_as + hk * stride_ah + offs_m * D_LATENT
+            tl.store(acc_rows[:, None] + offs_v[None, :], o, mask=row_ok[:, None])
+            if dv_block == 0:
+                tl.store(lse_acc_ptr + (split64 * tl.num_programs(1) + hk) * rows + offs_m,
+                         tl.where(empty, float("-inf"), lse), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Combine the splits of each split sequence.
+
+@triton.jit
+def _mla_combine_kernel(o_acc_ptr, lse_acc_ptr, num_splits_ptr, out_ptr, lse_ptr,
+                        stride_as, stride_ah, stride_ob, stride_os, stride_oh,
+                        stride_lb, stride_lh, heads_k, group, rows,
+                        D_V: tl.constexpr, BLOCK_R: tl.constexpr):
+    r_block = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = tl.full([], 0, tl.int64) + b
+    split_start = tl.load(num_splits_ptr + b)
+    n_splits = tl.load(num_splits_ptr + b + 1) - split_start
+    if n_splits > 1:            # sequences with one split were written by the decode kernel
+        offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = offs_r < rows
+        offs_d = tl.arange(0, D_V)
+        # lse = log sum_i exp(lse_i); a split that saw no key has lse_i = -inf
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for i in range(n_splits):
+            split = tl.full([], 0, tl.int64) + split_start + i
+            lse_i = tl.load(lse_acc_ptr + (split * heads_k + hk) * rows + offs_r, mask=row_ok,
+                            other=float("-inf"))
+            m = tl.maximum(m, lse_i)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, D_V], tl.float32)
+        for i in range(n_splits):
+            split = tl.full([], 0, tl.int64) + split_start + i
+            lse_i = tl.load(lse_acc_ptr + (split * heads_k + hk) * rows + offs_r, mask=row_ok,
+                            other=float("-inf"))
+            w = tl.exp(lse_i - m_use)
+            o_i = tl.load(o_acc_ptr + split * stride_as + hk * stride_ah
+                          + offs_r[:, None] * D_V + offs_d[None, :], mask=row_ok[:, None],
+                          other=0.0)
+            acc += w[:, None] * o_i
+            l += w
+        empty = l == 0.0
+        out = acc / tl.where(empty, 1.0, l)[:, None]
+        lse = tl.where(empty, float("inf"), m_use + tl.log(tl.where(empty, 1.0, l)))
+        s_idx = offs_r // group
+        head = hk * group + offs_r % group
+        out_rows = out_ptr + b64 * stride_ob + s_idx * stride_os + head * stride_oh
+        tl.store(out_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(lse_ptr + b64 * stride_lb + head * stride_lh + s_idx, lse,
+                 mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# The wrapper: FlashMLA's signature, every check before any launch.
+
+def _empty(shape, dtype, device):
+    """Every buffer the kernels write (the tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Under the interpreter a bf16/fp16 tl.dot is unreliable (ENVIRONMENT.md): the kernel then
+# computes its dots in fp32 on the same (upcast) values. A module flag, so a GPU test can
+# run that path too.
+_DOT_FP32 = runtime.is_emulated()
+
+
+def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits):
+    for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table),
+                    ("cache_seqlens", cache_seqlens), ("tile_scheduler_metadata", meta),
+                    ("num_splits", num_splits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (batch, seqlen_q, heads_q, {HEAD_DIM_K}), "
+                         f"got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D (num_pages, {PAGE_SIZE}, heads_k, "
+                         f"{HEAD_DIM_K}), got shape {tuple(k_cache.shape)}")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"q must be bfloat16 or float16, got {q.dtype}")
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache dtype {k_cache.dtype} differs from q dtype {q.dtype}")
+    if q.shape[-1] != HEAD_DIM_K:
+        raise ValueError(f"q's last dim must be {HEAD_DIM_K} (512 latent + 64 RoPE), "
+                         f"got {q.shape[-1]}")
+    if k_cache.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k_cache's last dim {k_cache.shape[-1]} differs from q's "
+                         f"{q.shape[-1]}")
+    if head_dim_v != HEAD_DIM_V:
+        raise ValueError(f"head_dim_v must be {HEAD_DIM_V} (V = the latent part of K), "
+                         f"got {head_dim_v}")
+    if k_cache.shape[1] != PAGE_SIZE:
+        raise ValueError(f"the page size (k_cache.shape[1]) must be {PAGE_SIZE}, "
+                         f"got {k_cache.shape[1]}")
+    batch, _, heads_q, _ = q.shape
+    heads_k = k_cache.shape[2]
+    if heads_k < 1 or heads_q % heads_k != 0:
+        raise ValueError(f"heads_q={heads_q} must be a multiple of heads_k={heads_k}")
+    for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens),
+                    ("tile_scheduler_metadata", meta), ("num_splits", num_splits)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be (batch={batch}, max_pages), "
+                         f"got {tuple(block_table.shape)}")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be (batch={batch},), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    if num_splits.shape != (batch + 1,):
+        raise ValueError(f"num_splits must be (batch + 1 = {batch + 1},), got "
+                         f"{tuple(num_splits.shape)}: pass what get_mla_metadata returned "
+                         "for these cache_seqlens")
+    if meta.dim() != 2 or meta.shape[1] != TILE_SCHEDULER_METADATA_SIZE \
+            or meta.shape[0] < batch:
+        raise ValueError(f"tile_scheduler_metadata must be (batch + num_sm_parts, "
+                         f"{TILE_SCHEDULER_METADATA_SIZE}), got {tuple(meta.shape)}: pass "
+                         "what get_mla_metadata returned for these cache_seqlens")
+    for name, t in (("k_cache", k_cache), ("block_table", block_table),
+                    ("cache_seqlens", cache_seqlens), ("tile_scheduler_metadata", meta),
+                    ("num_splits", num_splits)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: "
+                             "every tensor must be on the same device")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or (block_table.numel()
+                                                          and block_table.stride(1) != 1):
+        raise ValueError("q, k_cache and block_table need a contiguous last dimension")
+    if not cache_seqlens.is_contiguous() or not meta.is_contiguous() \
+            or not num_splits.is_contiguous():
+        raise ValueError("cache_seqlens, tile_scheduler_metadata and num_splits must be "
+                         "contiguous")
+
+
+def _check_lengths(block_table, cache_seqlens, num_pages):
+    """The data-dependent checks: one small reduction read back (a host sync)."""
+    lens = cache_seqlens.long()
+    pages_needed = (lens + PAGE_SIZE - 1) // PAGE_SIZE
+    owned = (torch.arange(block_table.shape[1], device=lens.device)[None, :]
+             < pages_needed[:, None])
+    bad_entry = owned & ((block_table < 0) | (block_table >= num_pages))
+    stats = torch.stack([lens.min(), pages_needed.max(), lens.argmax(),
+                         bad_entry.any(1).long().argmax(), bad_entry.any().long()]).tolist()
+    min_len, max_pages_needed, longest, first_bad, any_bad = stats
+    if min_len < 0:
+        raise ValueError(f"cache_seqlens has a negative entry ({min_len})")
+    if max_pages_needed > block_table.shape[1]:
+        raise ValueError(
+            f"block_table is too short: cache_seqlens[{longest}] = "
+            f"{int(cache_seqlens[longest])} needs {max_pages_needed} pages of {PAGE_SIZE}, "
+            f"block_table has {block_table.shape[1]} columns")
+    if max_pages_needed > num_pages:
+        raise ValueError(
+            f"cache_seqlens[{longest}] = {int(cache_seqlens[longest])} is beyond the pages "
+            f"given: it needs {max_pages_needed} pages, k_cache holds {num_pages}")
+    if any_bad:
+        raise ValueError(f"block_table row {first_bad} points outside k_cache's "
+                         f"{num_pages} pages in a slot the sequence uses")
+
+
+def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int,
+                           tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+                           softmax_scale: float | None = None, causal: bool = False, *,
+                           check_lengths: bool = True, config: MLAConfig | None = None):
+    """Attention of q over a paged MLA cache (FlashMLA's interface). Returns (out, lse).
+
+    q: (batch, seqlen_q, heads_q, 576) bf16/fp16; k_cache: (num_pages, 64, heads_k, 576);
+    V is the first head_dim_v = 512 channels of K; block_table: int32 (batch, max_pages);
+    cache_seqlens: int32 (batch,); the metadata from :func:`get_mla_metadata`.
+    out: (batch, seqlen_q, heads_q, 512) in q's dtype; lse: float32 (batch, heads_q,
+    seqlen_q). causal (seqlen_q > 1): query i sees keys j <= cache_seqlens - seqlen_q + i;
+    a query that sees no key gives zeros and lse = +inf.
+
+    ``check_lengths`` (ours, default on) also checks the values of cache_seqlens and
+    block_table, which costs one host sync; the benchmark turns it off, as FlashMLA
+    (which checks shapes only) would be timed. ``config`` picks the tile sizes.
+    """
+    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                  tile_scheduler_metadata, num_splits)
+    batch, seqlen_q, heads_q, d = q.shape
+    num_pages, _, heads_k, _ = k_cache.shape
+    group = heads_q // heads_k
+    rows = seqlen_q * group
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out = _empty((batch, seqlen_q, heads_q, head_dim_v), q.dtype, q.device)
+    lse = _empty((batch, heads_q, seqlen_q), torch.float32, q.device)
+    if batch == 0 or seqlen_q == 0 or heads_q == 0:
+        return out, lse
+    if check_lengths:
+        _check_lengths(block_table, cache_seqlens, num_pages)
+
+    cfg = config or default_config(rows)
+    max_splits = tile_scheduler_metadata.shape[0]    # batch + num_sm_parts
+    o_acc = _empty((max_splits, heads_k, rows, head_dim_v), torch.float32, q.device)
+    lse_acc = _empty((max_splits, heads_k, rows), torch.float32, q.device)
+    m_blocks = triton.cdiv(rows, cfg.block_m)
+    grid = (m_blocks * (head_dim_v // cfg.block_dv), heads_k, max_splits)
+    _mla_decode_kernel[grid](
+        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+        out, lse, o_acc, lse_acc,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_table.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        o_acc.stride(0), o_acc.stride(1),
+        seqlen_q, group, rows, scale * LOG2E,
+        CAUSAL=bool(causal) and seqlen_q > 1, BLOCK_M=cfg.block_m, BLOCK_N=PAGE_SIZE,
+        D_LATENT=HEAD_DIM_V, D_ROPE=HEAD_DIM_ROPE, BLOCK_DV=cfg.block_dv,
+        META=TILE_SCHEDULER_METADATA_SIZE, DOT_FP32=_DOT_FP32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_r = 4
+    _mla_combine_kernel[(triton.cdiv(rows, block_r), heads_k, batch)](
+        o_acc, lse_acc, num_splits, out, lse,
+        o_acc.stride(0), o_acc.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), heads_k, group, rows,
+        D_V=head_dim_v, BLOCK_R=block_r, num_warps=4)
+    return out, lse
+
+
+def pack_pages(kv: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
+               generator: torch.Generator | None = None):
+    """A contiguous cache (batch, seqlen, heads_k, d) as pages of 64 tokens in random order.
+
+    Returns (k_cache (num_pages, 64, heads_k, d), block_table int32, cache_seqlens int32):
+    what a paged serving engine would hold. Used by main.py and the tests.
+    """
+    batch, seqlen, heads_k, d = kv.shape
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
+    pages = triton.cdiv(seqlen, PAGE_SIZE)
+    padded = torch.zeros(batch, pages * PAGE_SIZE, heads_k, d, dtype=kv.dtype, device=kv.device)
+    padded[:, :seqlen] = kv
+    perm = torch.randperm(batch * pages, generator=generator).to(kv.device)
+    k_cache = torch.empty(batch * pages, PAGE_SIZE, heads_k, d, dtype=kv.dtype, device=kv.device)
+    k_cache[perm] = padded.view(batch * pages, PAGE_SIZE, heads_k, d)
+    block_table = perm.view(batch, pages).to(torch.int32)
+    return k_cache, block_table, cache_seqlens.to(kv.device, torch.int32)

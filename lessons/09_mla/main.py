@@ -1,0 +1,336 @@
+"""Lesson 09: Multi-head Latent Attention, decoded by a FlashMLA-compatible Triton kernel.
+
+    python lessons/09_mla/main.py            # MLA both ways, then the kernel vs the reference
+    python lessons/09_mla/main.py --bench    # FlashMLA's benchmark: ours, torch, the ceilings
+    python lessons/09_mla/main.py --sweep    # tile-config sweep on five representative cases
+"""
+
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
+
+from common.cli import lesson_args
+
+
+def _more(parser):
+    parser.add_argument("--sweep", action="store_true",
+                        help="compare tile configs of the decode kernel (GPU only)")
+
+
+args = lesson_args(__doc__, _more)
+
+import math  # noqa: E402
+import random  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from common import runtime  # noqa: E402
+from common.checks import assert_close, rel_error  # noqa: E402
+from common.reference import paged_mla_decode_ref  # noqa: E402
+
+import flash_mla  # noqa: E402
+from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, MLAConfig,  # noqa: E402
+                       flash_mla_with_kvcache, get_mla_metadata)
+from mla_layer import DEEPSEEK_V2, MLALayer, MLAShapes, cache_bytes_per_token  # noqa: E402
+
+console = Console()
+DEV = runtime.torch_device()
+LESSON = pathlib.Path(__file__).resolve().parent.name
+
+
+# ----------------------------------------------------------------------------------------
+# Problems in FlashMLA's benchmark setup.
+
+def flashmla_lens(batch, mean, varlen, seqlen_q, seed=0):
+    """FlashMLA's lengths: all equal to the mean, or ~ N(mean, mean / 2), at least seqlen_q."""
+    if not varlen:
+        return [mean] * batch
+    rnd = random.Random(seed)
+    return [max(int(rnd.gauss(mean, mean / 2)), seqlen_q) for _ in range(batch)]
+
+
+def paged_cache(lens, heads_k, dtype, seed=0):
+    """Random cache pages in random order; unused table slots point at page 0 (the torch
+    peer gathers whole rows of the table; our kernel never reads those slots)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    pages = [triton_cdiv(n, PAGE_SIZE) for n in lens]
+    num_pages = sum(pages)
+    k_cache = torch.randn(num_pages, PAGE_SIZE, heads_k, HEAD_DIM_K, generator=gen,
+                          device=DEV, dtype=dtype)
+    perm = torch.randperm(num_pages, generator=gen, device=DEV).to(torch.int32)
+    block_table = torch.zeros(len(lens), max(pages), dtype=torch.int32, device=DEV)
+    start = 0
+    for b, p in enumerate(pages):
+        block_table[b, :p] = perm[start:start + p]
+        start += p
+    return k_cache, block_table, torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def torch_gather_sdpa(q, k_cache, block_table, cache_seqlens, scale, causal):
+    """The torch peer: gather each sequence's pages into a padded (b, L, 576) tensor, then
+    one SDPA per sequence with the heads folded into query rows (it is MQA) and a mask for
+    lengths (and causality)."""
+    batch, sq, hq, d = q.shape
+    hk = k_cache.shape[2]
+    g = hq // hk
+    seq_len = block_table.shape[1] * PAGE_SIZE
+    k = k_cache[block_table.long()].view(batch, seq_len, hk, d).transpose(1, 2)   # gather
+    qf = q.view(batch, sq, hk, g, d).permute(0, 2, 1, 3, 4).reshape(batch, hk, sq * g, d)
+    pos = torch.arange(sq, device=q.device).repeat_interleave(g)
+    limit = cache_seqlens[:, None] - (sq - 1 - pos[None, :] if causal else 0)
+    mask = torch.arange(seq_len, device=q.device)[None, None, :] < limit[:, :, None]
+    o = F.scaled_dot_product_attention(qf, k, k[..., :HEAD_DIM_V], attn_mask=mask[:, None],
+                                       scale=scale)
+    return o.view(batch, hk, sq, g, HEAD_DIM_V).permute(0, 2, 1, 3, 4).reshape(
+        batch, sq, hq, HEAD_DIM_V)
+
+
+def flashmla_flops_bytes(lens, seqlen_q, heads_q, heads_k, elem_size=2):
+    """FlashMLA's own formulas (its tests/test_flash_mla.py): every key is read once per
+    kv head, the queries read and the outputs written once; FLOPs of both matmuls."""
+    total = sum(lens)
+    batch = len(lens)
+    flops = 2 * seqlen_q * total * heads_q * (HEAD_DIM_K + HEAD_DIM_V)
+    nbytes = (total * heads_k * HEAD_DIM_K
+              + batch * seqlen_q * heads_q * (HEAD_DIM_K + HEAD_DIM_V)) * elem_size
+    return flops, nbytes
+
+
+# ----------------------------------------------------------------------------------------
+# Without --bench: MLA both ways, then the kernel against the reference.
+
+def show_mla_layer():
+    layer = MLALayer(MLAShapes(), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    naive_cache, latent_cache, worst = {}, {}, 0.0
+    steps, batch = 6, 2
+    for t in range(steps):
+        x = torch.randn(batch, layer.shapes.d_model, generator=gen, dtype=torch.float64)
+        pos = torch.full((batch,), t)
+        a = layer.decode_naive(x, pos, naive_cache)
+        b = layer.decode_absorbed(x, pos, latent_cache)
+        assert_close(b, a, atol=1e-10, rtol=1e-9, name="absorbed vs naive")
+        worst = max(worst, rel_error(b, a))
+    console.print(f"MLA layer {layer.shapes}: {steps} decode steps, naive and absorbed forms "
+                  f"agree to {worst:.1e} (float64).")
+    table = Table(title="KV cache per token and layer (bf16)")
+    for col in ("shapes", "naive: per-head K,V", "MLA: c_kv + k_pe", "ratio"):
+        table.add_column(col, justify="right")
+    for name, shapes in (("this lesson's", layer.shapes), ("DeepSeek-V2/V3", DEEPSEEK_V2)):
+        bpt = cache_bytes_per_token(shapes)
+        table.add_row(f"{name} ({shapes.n_heads} heads)",
+                      f"{bpt['naive (per-head K and V)']:,} B",
+                      f"{bpt['MLA latent (c_kv + k_pe)']:,} B", f"{bpt['ratio']:.0f}x")
+    console.print(table)
+
+
+def check_kernel():
+    cases = runtime.pick(
+        gpu=[(flashmla_lens(64, 2048, True, 2, seed=1), 2, 128, True),
+             (flashmla_lens(64, 4096, True, 1, seed=2), 1, 16, False)],
+        emulation=[([1, 100, 0, 700], 2, 16, True), ([70, 5], 1, 32, False)])
+    table = Table(title="flash_mla_with_kvcache vs paged_mla_decode_ref (float32)")
+    for col in ("batch", "max len", "s_q", "h_q", "causal", "splits", "rel err out",
+                "max err lse"):
+        table.add_column(col, justify="right")
+    for lens, sq, hq, causal in cases:
+        k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16, seed=len(lens))
+        q = torch.randn(len(lens), sq, hq, HEAD_DIM_K, device=DEV).to(torch.bfloat16)
+        meta, num_splits = get_mla_metadata(cache_seqlens, sq * hq, 1)
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
+                                          meta, num_splits, causal=causal)
+        ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, block_table, cache_seqlens,
+                                                HEAD_DIM_V, causal=causal)
+        assert_close(out, ref_out, dtype=torch.bfloat16, name="out")
+        assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+        finite = torch.isfinite(ref_lse)
+        table.add_row(str(len(lens)), str(max(lens)), str(sq), str(hq), str(causal),
+                      str(int(num_splits[-1])), f"{rel_error(out, ref_out):.1e}",
+                      f"{(lse[finite] - ref_lse[finite]).abs().max().item():.1e}")
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------
+# --sweep: tile configs on five cases (batch 128, every length 4096).
+
+SWEEP_CONFIGS = [
+    # block_m, block_dv, num_warps, num_stages. BLOCK_DV = 256 is left out: Triton 3.6
+    # buffers the extra V slice too and needs ~280 KB of shared memory (227 KB available).
+    MLAConfig(16, 512, 4, 2), MLAConfig(16, 512, 4, 3), MLAConfig(16, 512, 8, 2),
+    MLAConfig(32, 512, 4, 2), MLAConfig(32, 512, 8, 2), MLAConfig(32, 512, 8, 3),
+    MLAConfig(32, 512, 8, 1), MLAConfig(64, 512, 8, 2), MLAConfig(64, 512, 8, 3),
+]
+
+
+def sweep():
+    from common.ceilings import measure_ceilings
+    from common.results import BenchReport
+    from common.timing import bench, gbps, tflops
+
+    ceilings = measure_ceilings()
+    report = BenchReport(LESSON, "config_sweep", "GB/s",
+                         "Decode kernel tile configs, batch 128, every cache length 4096, "
+                         "bf16 (GB/s by FlashMLA's byte formula; TFLOPS in the JSON)",
+                         ceilings)
+    lens = flashmla_lens(128, 4096, False, 1)
+    k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for sq, hq in ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128)):
+        rows = sq * hq
+        q = torch.randn(128, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
+        flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
+        meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1)
+        ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta0,
+                                        ns0, causal=sq > 1)
+        for cfg in SWEEP_CONFIGS:
+            if rows < cfg.block_m // 2 or (rows >= 64 and cfg.block_m < 32):
+                continue
+            for per_sm in ((1, 2) if cfg.block_m <= 32 else (1,)):
+                parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
+                meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts)
+
+                def run():
+                    return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
+                                                  meta, ns, causal=sq > 1, check_lengths=False,
+                                                  config=cfg)
+                try:
+                    out, _ = run()
+                    assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
+                    t = bench(run)
+                except Exception as e:  # out of shared memory, etc.: say so, go on
+                    console.print(f"[red]{cfg} parts/SM={per_sm} s_q={sq} h_q={hq}: "
+                                  f"{type(e).__name__}: {str(e)[:200]}[/red]")
+                    continue
+                case = {"h_q": hq, "s_q": sq, "BLOCK_M": cfg.block_m, "warps": cfg.num_warps,
+                        "stages": cfg.num_stages, "parts/SM": per_sm}
+                report.add(case, "triton", t, gbps(nbytes, t.median_ms),
+                           tflops=tflops(flops, t.median_ms))
+                console.print(f"s_q={sq} h_q={hq:3d} {cfg} parts/SM={per_sm}: "
+                              f"{t.median_ms * 1e3:8.1f} us {gbps(nbytes, t.median_ms):8.0f} GB/s "
+                              f"{tflops(flops, t.median_ms):6.1f} TFLOPS")
+    report.print()
+    console.print(f"saved {report.save()}")
+
+
+# ----------------------------------------------------------------------------------------
+# --bench: FlashMLA's benchmark.
+
+def benchmark():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.ceilings import measure_ceilings
+    from common.results import BenchReport
+    from common.timing import bench, gbps, tflops
+
+    ceilings = measure_ceilings()
+    title = ("MLA decoding, FlashMLA's setup: batch 128, heads_k 1, bf16, d_qk 576, d_v 512, "
+             "pages of 64 in random order")
+    rep_bw = BenchReport(LESSON, "mla_decode_gbps", "GB/s", title, ceilings)
+    rep_fl = BenchReport(LESSON, "mla_decode_tflops", "TFLOPS", title, ceilings)
+    batch, dtype = 128, torch.bfloat16
+    for mean in (4096, 8192, 16384):
+        for varlen in (False, True):
+            lens = flashmla_lens(batch, mean, varlen, 2, seed=mean)
+            k_cache, block_table, cache_seqlens = paged_cache(lens, 1, dtype, seed=mean)
+            for hq in (16, 32, 64, 128):
+                for sq in (1, 2):
+                    causal = sq > 1
+                    q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=dtype)
+                    meta, num_splits = get_mla_metadata(cache_seqlens, sq * hq, 1)
+                    scale = HEAD_DIM_K ** -0.5
+
+                    def ours():
+                        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+                                                      HEAD_DIM_V, meta, num_splits,
+                                                      causal=causal, check_lengths=False)
+
+                    def peer():
+                        return torch_gather_sdpa(q, k_cache, block_table, cache_seqlens, scale,
+                                                 causal)
+                    out, _ = ours()
+                    t_ours = bench(ours)
+                    try:
+                        if hq == 16:   # the peer computes the same thing (checked once per cache)
+                            assert_close(peer(), out, dtype=dtype, name="torch peer")
+                        t_peer = bench(peer)
+                    except torch.OutOfMemoryError:
+                        t_peer = None
+                    torch.cuda.empty_cache()
+                    # FlashMLA's formulas, next to the timing they convert
+                    flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
+                    case = {"mean len": mean, "lengths": "varying" if varlen else "fixed",
+                            "h_q": hq, "s_q": sq}
+                    extra = dict(flops=flops, bytes=nbytes, splits=int(num_splits[-1]))
+                    for rep, conv in ((rep_bw, gbps), (rep_fl, tflops)):
+                        amount = nbytes if conv is gbps else flops
+                        rep.add(case, "triton (ours)", t_ours, conv(amount, t_ours.median_ms),
+                                **extra)
+                        rep.add(case, "torch gather+SDPA", t_peer,
+                                None if t_peer is None else conv(amount, t_peer.median_ms),
+                                peer=True)
+                    rep_bw.add(case, "device copy (ceiling)", None, ceilings["copy_gbps"],
+                               peer=True)
+                    rep_fl.add(case, "cuBLAS bf16 matmul (ceiling)", None,
+                               ceilings["bf16_tflops"], peer=True)
+                    console.print(f"mean {mean:5d} {'var' if varlen else 'fix'} h_q {hq:3d} "
+                                  f"s_q {sq}: ours {t_ours.median_ms * 1e3:8.1f} us "
+                                  f"{gbps(nbytes, t_ours.median_ms):6.0f} GB/s "
+                                  f"{tflops(flops, t_ours.median_ms):5.0f} TFLOPS | torch "
+                                  + ("OOM" if t_peer is None else
+                                     f"{t_peer.median_ms * 1e3:8.1f} us"))
+            del k_cache, block_table
+            torch.cuda.empty_cache()
+    for rep in (rep_bw, rep_fl):
+        rep.print()
+        path = rep.save()
+        console.print(f"saved {path}")
+    plot(rep_bw, rep_fl, path.parent / f"mla_decode-{path.stem.split('-', 1)[1]}.png", plt)
+
+
+def plot(rep_bw, rep_fl, path, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, rep, unit in ((axes[0], rep_bw, "GB/s"), (axes[1], rep_fl, "TFLOPS")):
+        for impl, style in (("triton (ours)", "-"), ("torch gather+SDPA", ":")):
+            for mean, color in ((4096, "C0"), (8192, "C1"), (16384, "C2")):
+                for lengths, marker in (("fixed", "o"), ("varying", "x")):
+                    pts = sorted((r.case["h_q"] * r.case["s_q"], r.value) for r in rep.rows
+                                 if r.impl == impl and r.case["mean len"] == mean
+                                 and r.case["lengths"] == lengths and r.value)
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker=marker, color=color,
+                                label=f"{impl.split()[0]} {mean} {lengths}"
+                                if impl.startswith("triton") or lengths == "fixed" else None)
+        ceiling = [r.value for r in rep.rows if "ceiling" in r.impl][0]
+        ax.axhline(ceiling, color="gray", ls="--", lw=1)
+        ax.text(16, ceiling * 0.96, "measured ceiling", va="top", fontsize=8, color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("query rows per kv head (h_q x s_q)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("memory side (FlashMLA's byte count)")
+    axes[1].set_title("compute side (FlashMLA's FLOP count)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(rep_bw.title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    if args.bench:
+        benchmark()
+    elif args.sweep:
+        if runtime.is_emulated():
+            console.print("--sweep needs a GPU. Nothing to do.")
+        else:
+            sweep()
+    else:
+        show_mla_layer()
+        check_kernel()

@@ -1,0 +1,307 @@
+"""flash_mla against the paged reference, FlashMLA's test made adversarial.
+
+Every problem puts its pages in random order, fills every cache row no sequence owns
+(unused pages, and the rows past each sequence's end in its last page) with NaN, and
+every block_table slot no sequence uses with garbage indices: a kernel that reads one of
+them produces NaN or faults, and the comparison fails. Outputs and the split buffers start
+as NaN, so an element the kernels forget to write fails too.
+
+Tolerances. The reference is float32 attention on the same (upcast) inputs. out is held
+to flash-attn's rule (assert_error_within): at most 2x the error of the same attention
+computed by PyTorch in the input dtype, plus a slack of half an output ulp for the final
+rounding to bf16/fp16 (the kernel accumulates in fp32, so its error is mostly that
+rounding). lse is float32 and computed from fp32 dot products of exact bf16/fp16 products
+(tensor cores) or from the fp32 interpreter path: 1e-3 absolute covers the fp32
+summation order over up to 16k keys.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from common import runtime
+from common.checks import assert_close, assert_error_within, poisoned
+from common.reference import paged_mla_decode_ref
+
+import flash_mla
+from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, flash_mla_with_kvcache,
+                       get_mla_metadata)
+
+DEV = runtime.torch_device()
+SLACK = {torch.bfloat16: 2 ** -9, torch.float16: 2 ** -12}   # half an ulp at 1.0
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN (torch.empty may hand out zeros)."""
+    monkeypatch.setattr(flash_mla, "_empty", lambda shape, dtype, device:
+                        poisoned(shape, dtype, device))
+
+
+def make_problem(lens, seqlen_q, heads_q, heads_k, dtype, seed, spare_pages=3, spare_slots=2,
+                 device=DEV):
+    """A paged cache in random page order; NaN and garbage wherever no sequence owns."""
+    gen = torch.Generator().manual_seed(seed)
+    pages_per_seq = [(n + PAGE_SIZE - 1) // PAGE_SIZE for n in lens]
+    num_pages = sum(pages_per_seq) + spare_pages
+    max_pages = max(pages_per_seq + [0]) + spare_slots
+    perm = torch.randperm(num_pages, generator=gen)
+    k_cache = torch.randn(num_pages, PAGE_SIZE, heads_k, HEAD_DIM_K, generator=gen)
+    owned = torch.zeros(num_pages, PAGE_SIZE, dtype=torch.bool)
+    # unused slots: indices far outside the cache, negative ones, and real pages of others
+    block_table = torch.randint(-2**30, 2**30, (len(lens), max_pages), generator=gen,
+                                dtype=torch.int32)
+    nxt = 0
+    for b, n in enumerate(lens):
+        for p in range(pages_per_seq[b]):
+            block_table[b, p] = perm[nxt]
+            owned[perm[nxt], :min(PAGE_SIZE, n - p * PAGE_SIZE)] = True
+            nxt += 1
+    k_cache[~owned] = float("nan")
+    q = torch.randn(len(lens), seqlen_q, heads_q, HEAD_DIM_K, generator=gen)
+    return (q.to(device, dtype), k_cache.to(device, dtype), block_table.to(device),
+            torch.tensor(lens, dtype=torch.int32, device=device))
+
+
+def run_and_check(lens, seqlen_q, heads_q, heads_k, causal, dtype, seed, num_sm_parts=None,
+                  softmax_scale=None):
+    q, k_cache, block_table, cache_seqlens = make_problem(lens, seqlen_q, heads_q, heads_k,
+                                                          dtype, seed)
+    meta, num_splits = get_mla_metadata(cache_seqlens, seqlen_q * heads_q // heads_k,
+                                        heads_k, num_sm_parts=num_sm_parts)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
+                                      meta, num_splits, softmax_scale=softmax_scale,
+                                      causal=causal)
+    assert out.shape == (len(lens), seqlen_q, heads_q, HEAD_DIM_V) and out.dtype == dtype
+    assert lse.shape == (len(lens), heads_q, seqlen_q) and lse.dtype == torch.float32
+    ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, block_table, cache_seqlens,
+                                            HEAD_DIM_V, softmax_scale, causal)
+    base_out, _ = paged_mla_decode_ref(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
+                                       softmax_scale, causal, compute_dtype=dtype)
+    assert not torch.isnan(out).any(), "NaN in out: a row never written, or garbage read"
+    assert_error_within(out, base_out.to(dtype), ref_out, factor=2, slack=SLACK[dtype])
+    assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+    return out, lse, num_splits
+
+
+# ----------------------------------------------------------------------------------------
+# Under the interpreter (and on the GPU): small caches, the real 576/512 head dims.
+
+CASES = [
+    # lens (incl. 0 and 1), seqlen_q, heads_q, heads_k, causal, dtype, num_sm_parts
+    ([1, 0, 130, 200, 65], 1, 16, 1, False, torch.bfloat16, 3),
+    ([1, 0, 130, 200, 65], 2, 16, 1, True, torch.float16, 4),
+    ([100, 64], 1, 32, 1, False, torch.float16, None),
+    ([129, 40], 2, 64, 1, True, torch.bfloat16, 3),
+    ([70], 1, 128, 1, False, torch.bfloat16, 2),
+    ([33, 5], 1, 3, 1, False, torch.bfloat16, None),
+    ([45, 191], 2, 24, 1, True, torch.float16, 3),
+    ([77, 3, 190], 4, 8, 2, True, torch.bfloat16, 5),
+    ([3, 1, 2], 4, 4, 1, True, torch.bfloat16, None),     # lengths < seqlen_q: empty rows
+]
+
+
+@pytest.mark.parametrize("lens,sq,hq,hk,causal,dtype,parts", CASES,
+                         ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
+def test_matches_reference(lens, sq, hq, hk, causal, dtype, parts):
+    out, lse, num_splits = run_and_check(lens, sq, hq, hk, causal, dtype,
+                                         seed=sum(lens) + hq, num_sm_parts=parts)
+    if causal and sq > min(lens) + 1:
+        assert torch.isposinf(lse).any(), "expected rows with no visible key"
+
+
+def test_empty_rows_are_zero_with_inf_lse():
+    """Length 0, and causal rows before the first key: zeros and lse = +inf."""
+    out, lse, _ = run_and_check([0, 2], 4, 16, 1, True, torch.bfloat16, seed=5)
+    assert torch.all(out[0] == 0) and torch.isposinf(lse[0]).all()
+    assert torch.all(out[1, :2] == 0) and torch.isposinf(lse[1, :, :2]).all()
+    assert torch.isfinite(lse[1, :, 2:]).all() and (out[1, 2:] != 0).any()
+
+
+def test_custom_scale_and_many_splits():
+    """Every sequence cut into several splits, merged by the combine kernel."""
+    _, _, num_splits = run_and_check([300, 129, 250], 1, 16, 1, False, torch.bfloat16, seed=9,
+                                     num_sm_parts=7, softmax_scale=0.05)
+    assert (num_splits[1:] - num_splits[:-1]).max() >= 2
+
+
+def test_a_nan_the_kernel_must_read_fails_the_check():
+    """The NaN planted elsewhere could be invisible only if the kernel reads no cache at
+    all: put one in a row the sequence owns, and it must reach the output."""
+    q, k_cache, bt, lens = make_problem([70], 1, 16, 1, torch.bfloat16, seed=2)
+    k_cache[bt[0, 1], 3, 0, 7] = float("nan")             # token 67, owned
+    meta, ns = get_mla_metadata(lens, 16, 1)
+    out, _ = flash_mla_with_kvcache(q, k_cache, bt, lens, HEAD_DIM_V, meta, ns)
+    assert torch.isnan(out).all()
+
+
+# ----------------------------------------------------------------------------------------
+# The plan, against a plain-Python statement of the same algorithm.
+
+def plan_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
+    blocks = [(n + block - 1) // block for n in lens]
+    payload = -(-sum(b + overhead for b in blocks) // num_parts) + overhead
+    rows, num_splits = [], [0]
+    idx, first, nsplit = 0, 0, 0
+    for _ in range(num_parts):
+        remain = payload
+        while idx < len(lens):
+            rest = blocks[idx] - first
+            if remain >= rest + overhead:
+                rows.append((idx, first * block, lens[idx]))
+                num_splits.append(num_splits[-1] + nsplit + 1)
+                remain -= rest + overhead
+                idx, first, nsplit = idx + 1, 0, 0
+            else:
+                if remain - overhead > 0:
+                    rows.append((idx, first * block, (first + remain - overhead) * block))
+                    first += remain - overhead
+                    nsplit += 1
+                break
+    assert idx == len(lens), "the plan must hand out every sequence"
+    return rows, num_splits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_matches_spec_and_covers_every_key_once(seed):
+    rnd = random.Random(seed)
+    batch = rnd.choice([1, 5, 33, 300])
+    lens = [max(0, int(rnd.gauss(700, 500))) for _ in range(batch)]
+    parts = rnd.choice([1, 3, 8, 132])
+    meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
+                                        16, 1, num_sm_parts=parts)
+    rows, spec_splits = plan_spec(lens, parts)
+    assert num_splits.tolist() == spec_splits
+    assert meta.shape == (batch + parts, 8)
+    assert [tuple(r) for r in meta[:len(rows), :3].tolist()] == rows
+    assert (meta[len(rows):, 0] == -1).all()
+    for b, n in enumerate(lens):             # consecutive splits tile [0, n) exactly
+        own = meta[spec_splits[b]:spec_splits[b + 1], :3].tolist()
+        assert all(r[0] == b for r in own)
+        assert own[0][1] == 0 and own[-1][2] == n
+        assert all(own[i][2] == own[i + 1][1] for i in range(len(own) - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: a clear error, and no kernel launched.
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("a kernel was launched for bad input")
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    for name in ("_mla_decode_kernel", "_mla_combine_kernel"):
+        monkeypatch.setattr(flash_mla, name, _NoLaunch())
+
+
+def _good():
+    q, k_cache, bt, lens = make_problem([70, 5], 2, 16, 1, torch.bfloat16, seed=1)
+    meta, ns = get_mla_metadata(lens, 32, 1)
+    return dict(q=q, k_cache=k_cache, block_table=bt, cache_seqlens=lens, head_dim_v=512,
+                tile_scheduler_metadata=meta, num_splits=ns)
+
+
+BAD = [
+    ("q last dim", lambda a: a.update(q=a["q"][..., :512]), ValueError, "576"),
+    ("k last dim", lambda a: a.update(k_cache=a["k_cache"][..., :512]), ValueError, "576"),
+    ("q and k dims differ", lambda a: a.update(q=torch.cat([a["q"], a["q"][..., :64]], -1)),
+     ValueError, "576"),
+    ("head_dim_v", lambda a: a.update(head_dim_v=256), ValueError, "head_dim_v"),
+    ("page size", lambda a: a.update(k_cache=a["k_cache"][:, :32]), ValueError, "page size"),
+    ("short table", lambda a: a.update(block_table=a["block_table"][:, :1]), ValueError,
+     "too short"),
+    ("length beyond the pages", lambda a: a.update(
+        cache_seqlens=torch.tensor([70, 64 * 9 + 1], dtype=torch.int32, device=DEV),
+        block_table=torch.zeros(2, 12, dtype=torch.int32, device=DEV)), ValueError,
+     "beyond the pages"),
+    ("table entry outside the cache", lambda a: a["block_table"].__setitem__(
+        (0, 1), 10**6), ValueError, "outside"),
+    ("negative length", lambda a: a.update(
+        cache_seqlens=torch.tensor([70, -1], dtype=torch.int32, device=DEV)), ValueError,
+     "negative"),
+    ("dtype mismatch", lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "differs"),
+    ("float32 q", lambda a: a.update(q=a["q"].float(), k_cache=a["k_cache"].float()),
+     TypeError, "bfloat16 or float16"),
+    ("int64 table", lambda a: a.update(block_table=a["block_table"].long()), TypeError,
+     "int32"),
+    ("int64 lengths", lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), TypeError,
+     "int32"),
+    ("heads not a multiple", lambda a: a.update(
+        k_cache=a["k_cache"].expand(-1, -1, 3, -1).contiguous()), ValueError, "multiple"),
+    ("batch mismatch", lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), ValueError,
+     "batch"),
+    ("stale metadata", lambda a: a.update(num_splits=a["num_splits"][:2]), ValueError,
+     "num_splits"),
+    ("device mismatch", lambda a: a.update(block_table=a["block_table"].to("meta")),
+     ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_rejected_before_launch(no_launch, what, mutate, exc, match):
+    args = _good()
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        flash_mla_with_kvcache(**args)
+
+
+def test_metadata_rejects_bad_lengths():
+    with pytest.raises(TypeError, match="int32"):
+        get_mla_metadata(torch.tensor([5, 6]), 16, 1)
+    with pytest.raises(ValueError, match="1-D"):
+        get_mla_metadata(torch.zeros(2, 2, dtype=torch.int32), 16, 1)
+
+
+def test_empty_batch_launches_nothing(no_launch):
+    q = torch.randn(0, 1, 16, 576, device=DEV).bfloat16()
+    k_cache = torch.randn(2, 64, 1, 576, device=DEV).bfloat16()
+    lens = torch.zeros(0, dtype=torch.int32, device=DEV)
+    meta, ns = get_mla_metadata(lens, 16, 1)
+    out, lse = flash_mla_with_kvcache(q, k_cache, torch.zeros(0, 4, dtype=torch.int32,
+                                                              device=DEV), lens, 512, meta, ns)
+    assert out.shape == (0, 1, 16, 512) and lse.shape == (0, 16, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# On the GPU: FlashMLA's sizes (batch 128, mean length 4096, lengths ~ N(mean, mean/2)).
+
+def flashmla_lens(batch, mean, varlen, seqlen_q, seed):
+    rnd = random.Random(seed)
+    if not varlen:
+        return [mean] * batch
+    return [max(int(rnd.gauss(mean, mean / 2)), seqlen_q) for _ in range(batch)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mean,varlen,sq,hq,causal,dtype", [
+    (4096, True, 1, 16, False, torch.bfloat16),
+    (4096, True, 2, 128, True, torch.bfloat16),
+    (4096, False, 1, 64, False, torch.float16),
+    (4096, True, 2, 32, True, torch.float16),
+    (16384, True, 1, 128, False, torch.bfloat16),
+])
+def test_gpu_flashmla_sizes(mean, varlen, sq, hq, causal, dtype):
+    batch = 128 if mean <= 4096 else 32
+    lens = flashmla_lens(batch, mean, varlen, sq, seed=mean + hq)
+    run_and_check(lens, sq, hq, 1, causal, dtype, seed=hq * sq)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hk", [(16, 1), (32, 1), (64, 1), (128, 1), (3, 1), (24, 1),
+                                   (8, 2), (128, 4)])
+@pytest.mark.parametrize("sq,causal", [(1, False), (2, True), (4, True)])
+def test_gpu_every_head_count(hq, hk, sq, causal):
+    lens = flashmla_lens(16, 700, True, sq, seed=hq + sq) + [0, 1, 64]
+    run_and_check(lens, sq, hq, hk, causal, torch.bfloat16, seed=hq * 7 + sq)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_dot_path(monkeypatch):
+    """The path the interpreter runs (dots in fp32), checked on the real compiler too."""
+    monkeypatch.setattr(flash_mla, "_DOT_FP32", True)
+    run_and_check(flashmla_lens(8, 500, True, 2, seed=1), 2, 16, 1, True, torch.bfloat16,
+                  seed=3)

@@ -59,6 +59,7 @@ class MLAConfig(NamedTuple):
     block_dv: int = 512      # output channels per program: 512, or 256 to halve registers
     num_warps: int = 8
     num_stages: int = 2
+    parts_per_sm: int = 1    # shares of work per SM in the plan (2 if two programs fit)
 
 
 def default_config(rows: int) -> MLAConfig:
@@ -160,8 +161,10 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
         raise ValueError("num_heads_per_head_k and num_heads_k must be positive")
     batch = cache_seqlens.shape[0]
     if num_sm_parts is None:
-        m_blocks = triton.cdiv(num_heads_per_head_k, default_config(num_heads_per_head_k).block_m)
-        num_sm_parts = max(1, _num_sm(cache_seqlens.device) // num_heads_k // m_blocks)
+        cfg = default_config(num_heads_per_head_k)
+        m_blocks = triton.cdiv(num_heads_per_head_k, cfg.block_m)
+        num_sm_parts = max(1, cfg.parts_per_sm * _num_sm(cache_seqlens.device)
+                           // num_heads_k // m_blocks)
     dev = cache_seqlens.device
     meta = torch.full((batch + num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), -1,
                       dtype=torch.int32, device=dev)

@@ -27,7 +27,10 @@ from rich.table import Table  # noqa: E402
 
 from common import runtime  # noqa: E402
 from common.checks import assert_close, rel_error  # noqa: E402
+from common.ceilings import measure_ceilings  # noqa: E402
 from common.reference import paged_mla_decode_ref  # noqa: E402
+from common.results import BenchReport  # noqa: E402
+from common.timing import bench, gbps, tflops  # noqa: E402
 
 import flash_mla  # noqa: E402
 from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, MLAConfig,  # noqa: E402
@@ -156,41 +159,40 @@ def check_kernel():
 
 
 # ----------------------------------------------------------------------------------------
-# --sweep: tile configs on five cases (batch 128, every length 4096).
+# --sweep (and the start of --bench): tile configs on representative cases.
 
 SWEEP_CONFIGS = [
     # block_m, block_dv, num_warps, num_stages. BLOCK_DV = 256 is left out: Triton 3.6
     # buffers the extra V slice too and needs ~280 KB of shared memory (227 KB available).
     MLAConfig(16, 512, 4, 2), MLAConfig(16, 512, 4, 3), MLAConfig(16, 512, 8, 2),
-    MLAConfig(32, 512, 4, 2), MLAConfig(32, 512, 8, 2), MLAConfig(32, 512, 8, 3),
-    MLAConfig(32, 512, 8, 1), MLAConfig(64, 512, 8, 2), MLAConfig(64, 512, 8, 3),
+    MLAConfig(32, 512, 4, 2), MLAConfig(32, 512, 8, 2), MLAConfig(64, 512, 8, 2),
+    MLAConfig(64, 512, 8, 3),
 ]
+SWEEP_CASES = ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128))   # (s_q, h_q), heads_k = 1
 
 
-def sweep():
-    from common.ceilings import measure_ceilings
-    from common.results import BenchReport
-    from common.timing import bench, gbps, tflops
-
-    ceilings = measure_ceilings()
+def sweep(batch=128, mean=4096, ceilings=None):
+    """Time every config on each case; return {rows: best config} for the cases' rows."""
     report = BenchReport(LESSON, "config_sweep", "GB/s",
-                         "Decode kernel tile configs, batch 128, every cache length 4096, "
-                         "bf16 (GB/s by FlashMLA's byte formula; TFLOPS in the JSON)",
+                         f"Decode kernel tile configs, batch {batch}, every cache length "
+                         f"{mean}, bf16 (GB/s by FlashMLA's byte formula; TFLOPS in the JSON)",
                          ceilings)
-    lens = flashmla_lens(128, 4096, False, 1)
+    lens = flashmla_lens(batch, mean, False, 1)
     k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for sq, hq in ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128)):
+    sms = flash_mla._num_sm(k_cache.device)
+    best = {}
+    for sq, hq in SWEEP_CASES:
         rows = sq * hq
-        q = torch.randn(128, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
+        q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
         flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
-        meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1)
+        meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
         ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta0,
-                                        ns0, causal=sq > 1)
-        for cfg in SWEEP_CONFIGS:
-            if rows < cfg.block_m // 2 or (rows >= 64 and cfg.block_m < 32):
+                                        ns0, causal=sq > 1, config=MLAConfig())
+        for cfg0 in SWEEP_CONFIGS:
+            if rows >= 64 and cfg0.block_m < 32 or rows > 64 and cfg0.block_m == 16:
                 continue
-            for per_sm in ((1, 2) if cfg.block_m <= 32 else (1,)):
+            for per_sm in ((1, 2) if cfg0.block_m <= 32 and rows <= 32 else (1,)):
+                cfg = cfg0._replace(parts_per_sm=per_sm)
                 parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
                 meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts)
 
@@ -203,43 +205,54 @@ def sweep():
                     assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
                     t = bench(run)
                 except Exception as e:  # out of shared memory, etc.: say so, go on
-                    console.print(f"[red]{cfg} parts/SM={per_sm} s_q={sq} h_q={hq}: "
-                                  f"{type(e).__name__}: {str(e)[:200]}[/red]")
+                    console.print(f"[red]{cfg} s_q={sq} h_q={hq}: {type(e).__name__}: "
+                                  f"{str(e)[:200]}[/red]")
                     continue
                 case = {"h_q": hq, "s_q": sq, "BLOCK_M": cfg.block_m, "warps": cfg.num_warps,
                         "stages": cfg.num_stages, "parts/SM": per_sm}
                 report.add(case, "triton", t, gbps(nbytes, t.median_ms),
-                           tflops=tflops(flops, t.median_ms))
-                console.print(f"s_q={sq} h_q={hq:3d} {cfg} parts/SM={per_sm}: "
-                              f"{t.median_ms * 1e3:8.1f} us {gbps(nbytes, t.median_ms):8.0f} GB/s "
+                           tflops=tflops(flops, t.median_ms), config=cfg._asdict())
+                console.print(f"s_q={sq} h_q={hq:3d} {cfg}: {t.median_ms * 1e3:8.1f} us "
+                              f"{gbps(nbytes, t.median_ms):8.0f} GB/s "
                               f"{tflops(flops, t.median_ms):6.1f} TFLOPS")
+                if rows not in best or t.median_ms < best[rows][0]:
+                    best[rows] = (t.median_ms, cfg)
     report.print()
     console.print(f"saved {report.save()}")
+    return {rows: cfg for rows, (_, cfg) in best.items()}
+
+
+def tuned(best: dict):
+    """default_config replacement: the sweep's winner for the nearest case with >= rows."""
+    keys = sorted(best)
+
+    def config(rows):
+        return best[next((k for k in keys if k >= rows), keys[-1])]
+    return config
 
 
 # ----------------------------------------------------------------------------------------
 # --bench: FlashMLA's benchmark.
 
-def benchmark():
+def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.ceilings import measure_ceilings
-    from common.results import BenchReport
-    from common.timing import bench, gbps, tflops
-
     ceilings = measure_ceilings()
-    title = ("MLA decoding, FlashMLA's setup: batch 128, heads_k 1, bf16, d_qk 576, d_v 512, "
-             "pages of 64 in random order")
+    # Tile configs chosen by timing them first, in this run (recorded with every row).
+    best = sweep(batch=batch, mean=means[0], ceilings=ceilings)
+    flash_mla.default_config = tuned(best)
+    title = (f"MLA decoding, FlashMLA's setup: batch {batch}, heads_k 1, bf16, d_qk 576, "
+             "d_v 512, pages of 64 in random order")
     rep_bw = BenchReport(LESSON, "mla_decode_gbps", "GB/s", title, ceilings)
     rep_fl = BenchReport(LESSON, "mla_decode_tflops", "TFLOPS", title, ceilings)
-    batch, dtype = 128, torch.bfloat16
-    for mean in (4096, 8192, 16384):
+    dtype = torch.bfloat16
+    for mean in means:
         for varlen in (False, True):
             lens = flashmla_lens(batch, mean, varlen, 2, seed=mean)
             k_cache, block_table, cache_seqlens = paged_cache(lens, 1, dtype, seed=mean)
-            for hq in (16, 32, 64, 128):
+            for hq in heads:
                 for sq in (1, 2):
                     causal = sq > 1
                     q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=dtype)
@@ -257,17 +270,19 @@ def benchmark():
                     out, _ = ours()
                     t_ours = bench(ours)
                     try:
-                        if hq == 16:   # the peer computes the same thing (checked once per cache)
+                        if hq == heads[0]:  # the peer computes the same thing (once per cache)
                             assert_close(peer(), out, dtype=dtype, name="torch peer")
                         t_peer = bench(peer)
                     except torch.OutOfMemoryError:
                         t_peer = None
-                    torch.cuda.empty_cache()
+                    if DEV == "cuda":
+                        torch.cuda.empty_cache()
                     # FlashMLA's formulas, next to the timing they convert
                     flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
                     case = {"mean len": mean, "lengths": "varying" if varlen else "fixed",
                             "h_q": hq, "s_q": sq}
-                    extra = dict(flops=flops, bytes=nbytes, splits=int(num_splits[-1]))
+                    extra = dict(flops=flops, bytes=nbytes, splits=int(num_splits[-1]),
+                                 config=flash_mla.default_config(sq * hq)._asdict())
                     for rep, conv in ((rep_bw, gbps), (rep_fl, tflops)):
                         amount = nbytes if conv is gbps else flops
                         rep.add(case, "triton (ours)", t_ours, conv(amount, t_ours.median_ms),
@@ -284,9 +299,13 @@ def benchmark():
                                   f"{gbps(nbytes, t_ours.median_ms):6.0f} GB/s "
                                   f"{tflops(flops, t_ours.median_ms):5.0f} TFLOPS | torch "
                                   + ("OOM" if t_peer is None else
-                                     f"{t_peer.median_ms * 1e3:8.1f} us"))
+                                     f"{t_peer.median_ms * 1e3:8.1f} us "
+                                     f"{gbps(nbytes, t_peer.median_ms):6.0f} GB/s"))
             del k_cache, block_table
-            torch.cuda.empty_cache()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        for rep in (rep_bw, rep_fl):   # saved as we go: a run cut short keeps its rows
+            rep.save()
     for rep in (rep_bw, rep_fl):
         rep.print()
         path = rep.save()
@@ -310,6 +329,7 @@ def plot(rep_bw, rep_fl, path, plt):
         ceiling = [r.value for r in rep.rows if "ceiling" in r.impl][0]
         ax.axhline(ceiling, color="gray", ls="--", lw=1)
         ax.text(16, ceiling * 0.96, "measured ceiling", va="top", fontsize=8, color="gray")
+        ax.set_ylim(0, ceiling * 1.08)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("query rows per kv head (h_q x s_q)")
         ax.set_ylabel(unit)
@@ -330,7 +350,7 @@ if __name__ == "__main__":
         if runtime.is_emulated():
             console.print("--sweep needs a GPU. Nothing to do.")
         else:
-            sweep()
+            sweep(ceilings=measure_ceilings())
     else:
         show_mla_layer()
         check_kernel()

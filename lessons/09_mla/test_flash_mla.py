@@ -66,14 +66,14 @@ def make_problem(lens, seqlen_q, heads_q, heads_k, dtype, seed, spare_pages=3, s
 
 
 def run_and_check(lens, seqlen_q, heads_q, heads_k, causal, dtype, seed, num_sm_parts=None,
-                  softmax_scale=None):
+                  softmax_scale=None, config=None):
     q, k_cache, block_table, cache_seqlens = make_problem(lens, seqlen_q, heads_q, heads_k,
                                                           dtype, seed)
     meta, num_splits = get_mla_metadata(cache_seqlens, seqlen_q * heads_q // heads_k,
                                         heads_k, num_sm_parts=num_sm_parts)
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
                                       meta, num_splits, softmax_scale=softmax_scale,
-                                      causal=causal)
+                                      causal=causal, config=config)
     assert out.shape == (len(lens), seqlen_q, heads_q, HEAD_DIM_V) and out.dtype == dtype
     assert lse.shape == (len(lens), heads_q, seqlen_q) and lse.dtype == torch.float32
     ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, block_table, cache_seqlens,
@@ -301,7 +301,8 @@ def test_gpu_every_head_count(hq, hk, sq, causal):
 
 @pytest.mark.gpu
 def test_gpu_fp32_dot_path(monkeypatch):
-    """The path the interpreter runs (dots in fp32), checked on the real compiler too."""
+    """The path the interpreter runs (dots in fp32), checked on the real compiler too
+    (with tiles that fit: fp32 operands need twice the shared memory)."""
     monkeypatch.setattr(flash_mla, "_DOT_FP32", True)
-    run_and_check(flashmla_lens(8, 500, True, 2, seed=1), 2, 16, 1, True, torch.bfloat16,
-                  seed=3)
+    run_and_check(flashmla_lens(8, 500, True, 2, seed=1), 2, 8, 1, True, torch.bfloat16,
+                  seed=3, config=flash_mla.MLAConfig(16, 512, 8, 1))

@@ -95,6 +95,47 @@ def _apply_bridges() -> None:
         np.row_stack = np.vstack
 
 
+def _patch_simulator_shared_arrays() -> None:
+    """Emulation only: make the CUDA simulator's ``cuda.shared.array`` thread-safe.
+
+    numba-cuda 0.30.4's simulator runs each CUDA thread as an OS thread and keys a block's
+    shared arrays by the calling source line with an unlocked check-then-insert
+    (``FakeCUDAShared.array``): two threads arriving together can each create their own
+    array, so one thread's writes are invisible to the others. Seen as a rare, moving
+    wrong result in lesson 07's kernel (9 shared arrays, 128 threads). Same semantics here,
+    under a lock, and the caller's line read from its frame instead of a full
+    ``traceback.extract_stack`` (which made every allocation slow).
+    """
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    if getattr(kernelapi.FakeCUDAShared, "_course_patched", False):
+        return
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None:
+            raise RuntimeError("Array alignment is not supported in cudasim")
+        if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
+            dtype = numpy_support.as_dtype(dtype)
+        if shape == 0:  # dynamic shared memory: one buffer for every such array
+            count = self._dynshared_size // np.dtype(dtype).itemsize
+            return np.frombuffer(self._dynshared.data, dtype=dtype, count=count)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+    kernelapi.FakeCUDAShared._course_patched = True
+
+
 def _already_imported() -> list[str]:
     return [m for m in ("numba", "triton") if m in sys.modules]
 
@@ -145,6 +186,11 @@ def select(requested: str | None = None) -> str:
         os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
         os.environ.pop("TRITON_INTERPRET", None)
     _apply_bridges()
+    if want == EMULATION:
+        try:
+            _patch_simulator_shared_arrays()
+        except ImportError:  # no numba-cuda: doctor reports it
+            pass
     _mode = want
     return _mode
 

@@ -34,7 +34,10 @@ Two ways to load tiles:
   registers and instructions for the math, and letting deeper pipelines (more stages)
   run. It needs 16-byte-aligned base pointers and row strides and unit column stride;
   ``matmul`` uses it when the operands allow and falls back to pointers otherwise.
-  The benchmark measures both.
+* ``matmul_kernel_tma_persistent``: the TMA kernel launched as one program per SM that
+  loops over tiles (``matmul(..., persistent=True)``); Triton pipelines across tile
+  boundaries, hiding each tile's epilogue under the next tile's loads.
+  The benchmark measures all three.
 
 The interpreter's bf16 ``tl.dot`` gives garbage (ENVIRONMENT.md), so under emulation the
 kernels take ``DOT_FP32=True``: the tiles are upcast and multiplied in fp32 there.
@@ -61,7 +64,7 @@ def _config(bm, bn, bk, stages, warps, group=8):
 
 
 if runtime.is_emulated():
-    CONFIGS = CONFIGS_PTR = [_config(32, 32, 16, 1, 4, group=2)]  # no driver to tune with
+    CONFIGS = CONFIGS_PTR = CONFIGS_PERSISTENT = [_config(32, 32, 16, 1, 4, group=2)]  # no driver to tune with
 else:
     # Shapes known to suit Hopper's wgmma (warpgroups of 4 warps; 128-row tiles), plus a
     # smaller tile for problems too small to fill 132 SMs with 128 x 256 tiles. Shared
@@ -75,6 +78,9 @@ else:
     ]
     # The pointer kernel compiles slower (~2x) and is the fallback path: fewer shapes.
     CONFIGS_PTR = [CONFIGS[0], CONFIGS[3], CONFIGS[4]]
+    # Persistent: the epilogue's 64 KiB staging buffer stays allocated next to the
+    # pipeline, so 128 x 256 tiles fit 3 stages, not 4 (4 would need 256 KiB > 227 KiB).
+    CONFIGS_PERSISTENT = [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[4]]
 
 
 # The interpreter's bf16 tl.dot returns garbage (ENVIRONMENT.md): there the kernels
@@ -157,12 +163,41 @@ def matmul_kernel_tma(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride
     c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
 
 
+@triton.jit
+def matmul_kernel_tma_persistent(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                                 DOT_FP32: tl.constexpr, NUM_SMS: tl.constexpr):
+    """Persistent: one program per SM, each walking tiles pid, pid + NUM_SMS, ...
+
+    ``flatten=True`` lets Triton software-pipeline the two nested loops as one, so the
+    TMA loads of the next tile start while this tile's epilogue (convert + store) runs,
+    and the descriptors are built once per SM instead of once per tile."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                       block_shape=[BLOCK_K, BLOCK_N])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+            acc = _dot(a, b, acc, DOT_FP32)
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+
+
 def _autotuned(kernel, configs):
     return triton.autotune(configs=configs, key=["M", "N", "K"], do_bench=_tuner_bench)(kernel)
 
 
 matmul_kernel_tuned = _autotuned(matmul_kernel, CONFIGS_PTR)
 matmul_kernel_tma_tuned = _autotuned(matmul_kernel_tma, CONFIGS)
+matmul_kernel_tma_persistent_tuned = _autotuned(matmul_kernel_tma_persistent, CONFIGS_PERSISTENT)
 
 _allocator_ready = False
 
@@ -189,11 +224,13 @@ def _meta(config):
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *,
-           use_tma: bool | None = None, config: triton.Config | None = None) -> torch.Tensor:
+           use_tma: bool | None = None, persistent: bool = False,
+           config: triton.Config | None = None) -> torch.Tensor:
     """C = A @ B for fp16 / bf16 matrices of any shape and strides; fp32 accumulation.
 
     ``use_tma``: None picks TMA when the operands allow it (and the GPU is Hopper or
     newer); True insists (ValueError if impossible); False uses pointer loads.
+    ``persistent``: with TMA, the persistent kernel (one program per SM).
     ``config``: skip autotuning and use this tile configuration.
     """
     M, N, K = check_matmul_operands(a, b, dtypes=DTYPES, who="matmul_triton.matmul",
@@ -209,34 +246,48 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *,
                              "kernels compute offsets in 32-bit integers")
     hopper = runtime.is_emulated() or torch.cuda.get_device_capability(a.device)[0] >= 9
     can_tma = hopper and tma_compatible(a, b, c)
-    if use_tma and not can_tma:
-        raise ValueError("matmul(use_tma=True): TMA needs a Hopper GPU, unit column stride, "
-                         "16-byte aligned data and row strides that are multiples of 8 "
-                         "elements; pass use_tma=None to fall back to pointer loads")
+    if (use_tma or persistent) and not can_tma:
+        raise ValueError("matmul(use_tma=True / persistent=True): TMA needs a Hopper GPU, "
+                         "unit column stride, 16-byte aligned data and row strides that are "
+                         "multiples of 8 elements; pass use_tma=None to fall back to pointer loads")
     tma = can_tma if use_tma is None else use_tma
-    dot_fp32 = DOT_FP32
+    if persistent and not tma:
+        raise ValueError("matmul(persistent=True) is the TMA kernel: use_tma must not be False")
+    extra = {"DOT_FP32": DOT_FP32}
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, _num_sms()),) if persistent else (tiles,)
 
     if tma:
         _ensure_allocator()
         args = (a, b, c, M, N, K, a.stride(0), b.stride(0), c.stride(0))
-        kernel, tuned = matmul_kernel_tma, matmul_kernel_tma_tuned
+        if persistent:
+            kernel, tuned = matmul_kernel_tma_persistent, matmul_kernel_tma_persistent_tuned
+            extra["NUM_SMS"] = _num_sms()
+        else:
+            kernel, tuned = matmul_kernel_tma, matmul_kernel_tma_tuned
     else:
         args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 c.stride(0), c.stride(1))
         kernel, tuned = matmul_kernel, matmul_kernel_tuned
     if config is None:
-        tuned[grid](*args, DOT_FP32=dot_fp32)
+        tuned[grid](*args, **extra)
     else:
         meta = _meta(config)
-        kernel[grid(meta)](*args, DOT_FP32=dot_fp32, **meta)
+        kernel[grid(meta)](*args, **extra, **meta)
     return c
 
 
-def best_config(use_tma: bool) -> dict | None:
+def _num_sms() -> int:
+    if runtime.is_emulated():
+        return 3  # the interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def best_config(use_tma: bool, persistent: bool = False) -> dict | None:
     """The configuration the autotuner picked last (for the benchmark's records)."""
-    tuned = matmul_kernel_tma_tuned if use_tma else matmul_kernel_tuned
+    tuned = (matmul_kernel_tma_persistent_tuned if persistent else
+             matmul_kernel_tma_tuned if use_tma else matmul_kernel_tuned)
     cfg = getattr(tuned, "best_config", None)
     return None if cfg is None else _meta(cfg)

@@ -105,16 +105,32 @@ def test_gpu_numba_rungs(name, fn, M, N, K):
 FIXED = mt.CONFIGS[-1]
 
 
+PATHS = {"tma": dict(use_tma=True), "pointers": dict(use_tma=False),
+         "tma persistent": dict(use_tma=True, persistent=True)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M,N,K", TRITON_SHAPES)
-@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
-def test_triton_ragged(use_tma, M, N, K, dtype):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_triton_ragged(path, M, N, K, dtype):
     a, b = _operands(M, N, K, dtype, seed=M + 3 * N + 7 * K)
-    if use_tma and (K % 8 or N % 8):  # rows of A or B/C not a multiple of 16 bytes
+    kw = PATHS[path]
+    if kw["use_tma"] and (K % 8 or N % 8):  # rows of A or B/C not a multiple of 16 bytes
         with pytest.raises(ValueError, match="TMA needs"):
-            mt.matmul(a, b, use_tma=True)
-        use_tma = None                 # the default: falls back to pointer loads
-    _check(_run(mt.matmul, a, b, use_tma=use_tma, config=FIXED), a, b, "triton")
+            mt.matmul(a, b, **kw)
+        kw = {}                        # the default: falls back to pointer loads
+    _check(_run(mt.matmul, a, b, config=FIXED, **kw), a, b, f"triton {path}")
+
+
+def test_triton_persistent_walks_many_tiles():
+    """More tiles than programs: each persistent program must loop (grid = #SMs)."""
+    cfg = mt.CONFIGS_PERSISTENT[-1]
+    tiles_wanted = runtime.pick(3 * 132 + 5, 7)  # > 1 tile per program (3 under emulation)
+    M = cfg.kwargs["BLOCK_M"] * tiles_wanted - 5
+    a, b = _operands(M, cfg.kwargs["BLOCK_N"], 64, torch.bfloat16, seed=8)
+    _check(_run(mt.matmul, a, b, use_tma=True, persistent=True, config=cfg), a, b, "persistent")
+    with pytest.raises(ValueError, match="persistent"):
+        mt.matmul(a, b, use_tma=False, persistent=True)
 
 
 def test_triton_interpreter_computes_bf16_dot_in_fp32():
@@ -143,11 +159,11 @@ def test_triton_strided_views_fall_back_to_pointers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
-def test_gpu_triton_autotuned(use_tma):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_gpu_triton_autotuned(path):
     a, b = _operands(1024, 1024, 1024, torch.bfloat16, seed=1)
-    _check(_run(mt.matmul, a, b, use_tma=use_tma), a, b, "autotuned")
-    assert mt.best_config(use_tma) is not None
+    _check(_run(mt.matmul, a, b, **PATHS[path]), a, b, f"autotuned {path}")
+    assert mt.best_config(**PATHS[path]) is not None
 
 
 @pytest.mark.gpu
@@ -156,6 +172,8 @@ def test_gpu_triton_ragged_real_sizes(dtype):
     for M, N, K in [(1000, 1000, 1000), (1, 4096, 4096), (4097, 33, 1031)]:
         a, b = _operands(M, N, K, dtype, seed=M + N)
         _check(_run(mt.matmul, a, b, config=FIXED), a, b, f"{M}x{N}x{K}")
+        if mt.tma_compatible(a, b):
+            _check(_run(mt.matmul, a, b, persistent=True, config=FIXED), a, b, f"{M}x{N}x{K} pers.")
     a, b = _operands(1000, 1000, 1000, dtype, seed=2)
     _check(_run(mt.matmul, a.t().contiguous().t(), b, config=FIXED), a, b, "column-major A")
 

@@ -1,0 +1,900 @@
+"""FlashAttention-2 in Triton: forward and backward, with flash-attn's API.
+
+    out = flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False)
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, softmax_scale=None, causal=False,
+                                 return_lse=False)
+
+q (batch, seqlen_q, heads_q, headdim), k and v (batch, seqlen_k, heads_k, headdim), heads_q a
+multiple of heads_k (MQA/GQA); varlen takes packed (total_tokens, heads, headdim) tensors and
+int32 cumulative lengths. float16/bfloat16, headdim 32, 64, 96, 128 or 256. Differentiable:
+dq, dk, dv (dk and dv summed over each group of query heads). Causal is aligned bottom-right;
+a query row that sees no key outputs zeros and has lse = +inf.
+
+The algorithm (Dao, 2023), in the names of the paper:
+
+* forward: one program owns BLOCK_M query rows of one (sequence, head) and walks the K/V
+  blocks, keeping the running row max ``m_i``, the running sum ``l_i`` and the unnormalised
+  output ``acc`` on chip; it divides by ``l_i`` once at the end and stores
+  ``lse = m_i + log(l_i)`` for the backward pass;
+* backward: a pre-pass computes ``delta = rowsum(dO * O)``; one kernel owns a block of keys
+  and walks the query blocks to accumulate dK and dV (recomputing P from Q, K and lse);
+  a second kernel owns a block of queries and walks the keys for dQ (no atomics).
+
+Speed on Hopper (each measured in ``main.py --ablation`` and docs/flash_attention/04):
+exp2 with log2(e) folded into the scale; causal blocks above the diagonal skipped and the
+diagonal handled in a separate masked stage; tensor descriptors (TMA) built in the kernel;
+tiles and pipelining autotuned per (seqlen, headdim, causal).
+
+Runs on the GPU (triton 3.6) and under the Triton interpreter (triton 3.9; no block
+pointers anywhere). Under the interpreter bf16 ``tl.dot`` is broken, so the dots are
+computed in float32 there (``DOT_FP32``); tests run that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+from common import runtime  # selects GPU or interpreter before triton is imported
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = runtime.is_emulated()
+SUPPORTED_HEADDIMS = (32, 64, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = 0.6931471805599453    # ln(2):   log(x) == log2(x) * LN2
+# FLASH_ATTN_AUTOTUNE=0 uses the first (default) config of each table below, no tuning:
+# the GPU tests set it so that each test compiles one kernel, not the whole config set.
+AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
+
+
+def _allocator(size: int, alignment: int, stream):
+    """Global scratch for tensor descriptors made inside a kernel (128 bytes each)."""
+    return torch.empty(size, dtype=torch.int8, device=runtime.torch_device())
+
+
+# ======================================================================================
+# Small helpers shared by the kernels
+# ======================================================================================
+
+@triton.jit
+def _load_block(src, start, n_rows, stride, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Rows [start, start + BLOCK_R) of a (n_rows, HEAD_DIM) matrix, zero past its edges.
+
+    With USE_TMA ``src`` is a tensor descriptor: the copy engine fetches the tile and fills
+    out-of-bounds rows and columns (headdim 96 in a 128-wide tile) with zeros for free.
+    Otherwise ``src`` is a pointer to row 0 and the masks do the same work.
+    """
+    if USE_TMA:
+        x = src.load([start, 0])
+    else:
+        rows = start + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        ptrs = src + rows[:, None] * stride + cols[None, :]
+        if MASK_ROWS:
+            if BLOCK_D == HEAD_DIM:
+                x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+            else:
+                x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM),
+                            other=0.0)
+        else:  # a full block: no row mask, so the loads vectorise and pipeline freely
+            if BLOCK_D == HEAD_DIM:
+                x = tl.load(ptrs)
+            else:
+                x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_block(dst, x, start, n_rows, stride, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store rows [start, start + BLOCK_R) of x, dropping rows >= n_rows and padded columns."""
+    if USE_TMA:
+        dst.store([start, 0], x)
+    else:
+        rows = start + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        tl.store(dst + rows[:, None] * stride + cols[None, :], x,
+                 mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _make_src(base, n_rows, stride, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A tensor descriptor over one (sequence, head) slice, or the plain pointer."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride, 1],
+                                        block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _sequence(pid_b, CU, seqlen, stride_b, stride_s, IS_VARLEN: tl.constexpr):
+    """(offset of the sequence's first row in elements, its length).
+
+    Batched tensors: sequence b starts at b * stride_b. Packed (varlen) tensors: it starts
+    at row cu_seqlens[b] and its length is cu_seqlens[b + 1] - cu_seqlens[b].
+    """
+    if IS_VARLEN:
+        start = tl.load(CU + pid_b)
+        length = tl.load(CU + pid_b + 1) - start
+        offset = start.to(tl.int64) * stride_s
+    else:
+        length = seqlen
+        offset = pid_b.to(tl.int64) * stride_b
+    return offset, length
+
+
+@triton.jit
+def _row_offset(pid_b, CU, stride_lb, IS_VARLEN: tl.constexpr):
+    """Offset of a sequence's first entry in lse/delta: (b, h, s) batched, (h, total) packed."""
+    if IS_VARLEN:
+        off = tl.load(CU + pid_b).to(tl.int64)
+    else:
+        off = pid_b.to(tl.int64) * stride_lb
+    return off
+
+
+@triton.jit
+def _query_block_bounds(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of the query rows [start_m, start_m + BLOCK_M): (mid, hi).
+
+    Keys [0, mid) are seen by every row of the block and are whole BLOCK_N blocks: no mask.
+    Keys [mid, hi) need a mask (the causal diagonal, or the ragged end of the keys).
+    Keys >= hi are seen by no row: causal blocks above the diagonal are never loaded.
+    Causal is bottom-right: row i sees keys j <= i + seqlen_k - seqlen_q.
+    """
+    if CAUSAL:
+        diag = seqlen_k - seqlen_q
+        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + diag), 0)
+        full = tl.maximum(tl.minimum(seqlen_k, start_m + diag + 1), 0)
+    else:
+        hi = seqlen_k
+        full = seqlen_k
+    mid = (full // BLOCK_N) * BLOCK_N
+    return mid, hi
+
+
+# ======================================================================================
+# Forward
+# ======================================================================================
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, lo, hi,
+               offs_m, seqlen_q, seqlen_k, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_FP32: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """Walk keys [lo, hi) for one block of queries: the online softmax of FlashAttention-2."""
+    dt = tl.float32 if DOT_FP32 else q.dtype
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if not USE_TMA:  # plain pointers to the first tile, advanced by BLOCK_N rows a step
+        k_ptrs = k_src + (lo + offs_n)[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_src + (lo + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        # K_j: the copy engine (TMA) zero-fills past the edges; pointers need masks on the
+        # ragged block (MASKED) and on padded head dims (96 in a 128-wide tile) only
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+        elif MASKED:
+            k = tl.load(k_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q.to(dt), tl.trans(k.to(dt)))          # S_ij = Q_i K_j^T (unscaled)
+        if MASKED:
+            keep = cols[None, :] < seqlen_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            # a row with no visible key so far has m = -inf; subtract 0 instead (no NaN)
+            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+        else:
+            # the scale is applied to the row max (BLOCK_M values) and fused with the
+            # subtraction into one FMA per score: fewer non-matmul FLOPs
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)             # rescales what was accumulated
+        l_ij = tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = v_src.load([start_n, 0])
+        elif MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(dt), v.to(dt), acc)               # acc += P_ij V_j, P in 16 bits
+        l_i = l_i * alpha + l_ij
+        m_i = m_ij
+        if not USE_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, num_heads_q, qk_scale,
+    SEQLEN_KEY,  # bucketed max(seqlen_q, seqlen_k): the autotuner's key, unused here
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_FP32: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (i, bh) owns query rows [i*BLOCK_M, (i+1)*BLOCK_M) of sequence b, head h.
+    # The last query blocks have the most keys to walk when causal: launch them first so
+    # that the short ones fill the tail of the grid (load balancing).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads_q
+    pid_h = pid_bh % num_heads_q
+    pid_hk = pid_h // GROUP                          # GQA: the K/V head this head reads
+
+    q_off, seqlen_q = _sequence(pid_b, CU_Q, seqlen_q, stride_qb, stride_qs, IS_VARLEN)
+    k_off, seqlen_k = _sequence(pid_b, CU_K, seqlen_k, stride_kb, stride_ks, IS_VARLEN)
+    v_off, _ = _sequence(pid_b, CU_K, seqlen_k, stride_vb, stride_vs, IS_VARLEN)
+    o_off, _ = _sequence(pid_b, CU_Q, seqlen_q, stride_ob, stride_os, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if IS_VARLEN:  # this sequence may be shorter than the longest one: nothing to do
+        if start_m >= seqlen_q:
+            return
+
+    q_src = _make_src(Q + q_off + pid_h.to(tl.int64) * stride_qh, seqlen_q, stride_qs,
+                      BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+    k_src = _make_src(K + k_off + pid_hk.to(tl.int64) * stride_kh, seqlen_k, stride_ks,
+                      BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    v_src = _make_src(V + v_off + pid_hk.to(tl.int64) * stride_vh, seqlen_k, stride_vs,
+                      BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    o_dst = _make_src(O + o_off + pid_h.to(tl.int64) * stride_oh, seqlen_q, stride_os,
+                      BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)        # unnormalised output
+    # Q stays on chip for the whole walk over K and V
+    q = _load_block(q_src, start_m, seqlen_q, stride_qs, BLOCK_M, HEAD_DIM, BLOCK_D,
+                    USE_TMA, True)
+
+    mid, hi = _query_block_bounds(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # stage 1: whole key blocks every row sees - no mask, no bounds checks
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, 0, mid,
+                               offs_m, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, CAUSAL, False, USE_TMA, DOT_FP32, WARP_SPEC)
+    # stage 2: the diagonal (causal) and the ragged last key block - masked
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, mid, hi,
+                               offs_m, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, CAUSAL, True, USE_TMA, DOT_FP32, False)
+
+    # epilogue: the one division of deferred normalisation; empty rows give 0 and +inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse_ptrs = LSE + _row_offset(pid_b, CU_Q, stride_lb, IS_VARLEN) + pid_h * stride_lh + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+    _store_block(o_dst, acc.to(O.dtype.element_ty), start_m, seqlen_q, stride_os, BLOCK_M,
+                 HEAD_DIM, BLOCK_D, USE_TMA)
+
+
+# ======================================================================================
+# Backward
+# ======================================================================================
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA, CU_Q,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, seqlen_q, num_heads_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id  (= rowsum(dP * P), the softmax backward's correction)."""
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads_q
+    pid_h = pid_bh % num_heads_q
+    o_off, seqlen_q = _sequence(pid_b, CU_Q, seqlen_q, stride_ob, stride_os, IS_VARLEN)
+    do_off, _ = _sequence(pid_b, CU_Q, seqlen_q, stride_dob, stride_dos, IS_VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    o = _load_block(O + o_off + pid_h.to(tl.int64) * stride_oh, start_m, seqlen_q, stride_os,
+                    BLOCK_M, HEAD_DIM, BLOCK_D, False, True)
+    do = _load_block(DO + do_off + pid_h.to(tl.int64) * stride_doh, start_m, seqlen_q,
+                     stride_dos, BLOCK_M, HEAD_DIM, BLOCK_D, False, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    ptrs = DELTA + _row_offset(pid_b, CU_Q, stride_lb, IS_VARLEN) + pid_h * stride_lh + offs_m
+    tl.store(ptrs, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_dos,
+                start_n, lo, hi, seqlen_q, seqlen_k, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+                DOT_FP32: tl.constexpr):
+    """Walk query rows [lo, hi) for one block of keys, accumulating dK and dV.
+
+    Computed transposed (keys are the rows here): S^T = K Q^T, P^T = exp2(S^T - lse),
+    dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - delta), dK += dS^T Q.
+    Query rows past seqlen_q load as zeros with lse = +inf, so their P is 0: no mask needed.
+    """
+    dt = tl.float32 if DOT_FP32 else k.dtype
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if not USE_TMA:
+        q_ptrs = q_src + (lo + tl.arange(0, BLOCK_M))[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = do_src + (lo + tl.arange(0, BLOCK_M))[:, None] * stride_dos + offs_d[None, :]
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q
+        if USE_TMA:
+            q = q_src.load([start_m, 0])
+        else:
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        sT = tl.dot(k.to(dt), tl.trans(q.to(dt)))
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+        if MASKED:  # causal diagonal: key j is seen by row i iff j <= i + seqlen_k - seqlen_q
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (seqlen_k - seqlen_q), pT, 0.0)
+        if USE_TMA:
+            do = do_src.load([start_m, 0])
+        else:
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        dv = tl.dot(pT.to(dt), do.to(dt), dv)
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        dpT = tl.dot(v.to(dt), tl.trans(do.to(dt)))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(dt), q.to(dt), dk)
+        if not USE_TMA:
+            q_ptrs += BLOCK_M * stride_qs
+            do_ptrs += BLOCK_M * stride_dos
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, num_heads_k, qk_scale, softmax_scale,
+    SEQLEN_KEY,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (j, bh) owns keys [j*BLOCK_N, (j+1)*BLOCK_N) of sequence b, K/V head h_k, and
+    # sums the contributions of the GROUP query heads that read that K/V head (GQA).
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads_k
+    pid_hk = pid_bh % num_heads_k
+    q_off, seqlen_q = _sequence(pid_b, CU_Q, seqlen_q, stride_qb, stride_qs, IS_VARLEN)
+    do_off, _ = _sequence(pid_b, CU_Q, seqlen_q, stride_dob, stride_dos, IS_VARLEN)
+    k_off, seqlen_k = _sequence(pid_b, CU_K, seqlen_k, stride_kb, stride_ks, IS_VARLEN)
+    v_off, _ = _sequence(pid_b, CU_K, seqlen_k, stride_vb, stride_vs, IS_VARLEN)
+    dk_off, _ = _sequence(pid_b, CU_K, seqlen_k, stride_dkb, stride_dks, IS_VARLEN)
+    dv_off, _ = _sequence(pid_b, CU_K, seqlen_k, stride_dvb, stride_dvs, IS_VARLEN)
+    start_n = tl.program_id(0) * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    row_off = _row_offset(pid_b, CU_Q, stride_lb, IS_VARLEN)
+
+    k_src = _make_src(K + k_off + pid_hk.to(tl.int64) * stride_kh, seqlen_k, stride_ks,
+                      BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    v_src = _make_src(V + v_off + pid_hk.to(tl.int64) * stride_vh, seqlen_k, stride_vs,
+                      BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    # K and V of this block stay on chip while all query blocks stream past
+    k = _load_block(k_src, start_n, seqlen_k, stride_ks, BLOCK_N, HEAD_DIM, BLOCK_D,
+                    USE_TMA, True)
+    v = _load_block(v_src, start_n, seqlen_k, stride_vs, BLOCK_N, HEAD_DIM, BLOCK_D,
+                    USE_TMA, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Query rows that see this key block: causal rows i >= j - (seqlen_k - seqlen_q).
+    # [lo, mid) straddle the diagonal (masked), [mid, seqlen_q) see every key (no mask).
+    if CAUSAL:
+        diag = seqlen_k - seqlen_q
+        first = tl.maximum(start_n - diag, 0)
+        lo = (first // BLOCK_M) * BLOCK_M
+        all_seen = tl.maximum(tl.minimum(start_n + BLOCK_N, seqlen_k) - 1 - diag, 0)
+        mid = tl.maximum(((all_seen + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    else:
+        lo = 0
+        mid = 0
+    for g in range(GROUP):
+        pid_h = pid_hk * GROUP + g
+        q_src = _make_src(Q + q_off + pid_h.to(tl.int64) * stride_qh, seqlen_q, stride_qs,
+                          BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+        do_src = _make_src(DO + do_off + pid_h.to(tl.int64) * stride_doh, seqlen_q, stride_dos,
+                           BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+        lse_ptr = LSE + row_off + pid_h * stride_lh
+        delta_ptr = DELTA + row_off + pid_h * stride_lh
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs,
+                             stride_dos, start_n, lo, tl.minimum(mid, seqlen_q), seqlen_q,
+                             seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                             USE_TMA, DOT_FP32)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs,
+                             stride_dos, start_n, mid, seqlen_q, seqlen_q, seqlen_k, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, USE_TMA, DOT_FP32)
+    dk = dk * softmax_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
+    dk_dst = _make_src(DK + dk_off + pid_hk.to(tl.int64) * stride_dkh, seqlen_k, stride_dks,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    dv_dst = _make_src(DV + dv_off + pid_hk.to(tl.int64) * stride_dvh, seqlen_k, stride_dvs,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    _store_block(dk_dst, dk.to(DK.dtype.element_ty), start_n, seqlen_k, stride_dks, BLOCK_N,
+                 HEAD_DIM, BLOCK_D, USE_TMA)
+    _store_block(dv_dst, dv.to(DV.dtype.element_ty), start_n, seqlen_k, stride_dvs, BLOCK_N,
+                 HEAD_DIM, BLOCK_D, USE_TMA)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, lo, hi, offs_m,
+              seqlen_q, seqlen_k, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_FP32: tl.constexpr):
+    """Walk keys [lo, hi) for one block of queries: dQ += dS K with dS = P * (dP - delta)."""
+    dt = tl.float32 if DOT_FP32 else q.dtype
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if not USE_TMA:
+        k_ptrs = k_src + (lo + offs_n)[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_src + (lo + offs_n)[:, None] * stride_vs + offs_d[None, :]
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        elif MASKED:
+            kv_ok = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q.to(dt), tl.trans(k.to(dt)))
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = cols[None, :] < seqlen_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do.to(dt), tl.trans(v.to(dt)))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(dt), k.to(dt), dq)
+        if not USE_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, num_heads_q, qk_scale, softmax_scale,
+    SEQLEN_KEY,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Same decomposition as the forward: program (i, bh) owns BLOCK_M query rows.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads_q
+    pid_h = pid_bh % num_heads_q
+    pid_hk = pid_h // GROUP
+    q_off, seqlen_q = _sequence(pid_b, CU_Q, seqlen_q, stride_qb, stride_qs, IS_VARLEN)
+    do_off, _ = _sequence(pid_b, CU_Q, seqlen_q, stride_dob, stride_dos, IS_VARLEN)
+    dq_off, _ = _sequence(pid_b, CU_Q, seqlen_q, stride_dqb, stride_dqs, IS_VARLEN)
+    k_off, seqlen_k = _sequence(pid_b, CU_K, seqlen_k, stride_kb, stride_ks, IS_VARLEN)
+    v_off, _ = _sequence(pid_b, CU_K, seqlen_k, stride_vb, stride_vs, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    q_src = _make_src(Q + q_off + pid_h.to(tl.int64) * stride_qh, seqlen_q, stride_qs,
+                      BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+    do_src = _make_src(DO + do_off + pid_h.to(tl.int64) * stride_doh, seqlen_q, stride_dos,
+                       BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+    k_src = _make_src(K + k_off + pid_hk.to(tl.int64) * stride_kh, seqlen_k, stride_ks,
+                      BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+    v_src = _make_src(V + v_off + pid_hk.to(tl.int64) * stride_vh, seqlen_k, stride_vs,
+                      BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ptr = _row_offset(pid_b, CU_Q, stride_lb, IS_VARLEN) + pid_h * stride_lh + offs_m
+    q = _load_block(q_src, start_m, seqlen_q, stride_qs, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA, True)
+    do = _load_block(do_src, start_m, seqlen_q, stride_dos, BLOCK_M, HEAD_DIM, BLOCK_D,
+                     USE_TMA, True)
+    lse2 = tl.load(LSE + row_ptr, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_ptr, mask=offs_m < seqlen_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    mid, hi = _query_block_bounds(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, 0, mid, offs_m,
+                   seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False,
+                   USE_TMA, DOT_FP32)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_ks, stride_vs, mid, hi, offs_m,
+                   seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True,
+                   USE_TMA, DOT_FP32)
+    dq = dq * softmax_scale
+    dq_dst = _make_src(DQ + dq_off + pid_h.to(tl.int64) * stride_dqh, seqlen_q, stride_dqs,
+                       BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+    _store_block(dq_dst, dq.to(DQ.dtype.element_ty), start_m, seqlen_q, stride_dqs, BLOCK_M,
+                 HEAD_DIM, BLOCK_D, USE_TMA)
+
+
+# ======================================================================================
+# Configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned per head dim.
+# The first entry of each list is the default (FLASH_ATTN_AUTOTUNE=0). Chosen from the
+# sweep in `main.py --sweep` on an H100 (numbers in docs/flash_attention/04_optimization.md).
+# ======================================================================================
+
+_INTERPRETER_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+
+FWD_TILES = {
+    32: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
+    64: [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
+    96: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
+    128: [(128, 64, 4, 2), (256, 64, 8, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+}
+# dK/dV: BLOCK_M is the query block streamed past, BLOCK_N the key block held on chip
+DKDV_TILES = {
+    32: [(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 2)],
+    64: [(32, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 2)],
+    96: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+    128: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+    256: [(32, 64, 4, 2), (64, 64, 8, 1), (16, 64, 4, 2)],
+}
+DQ_TILES = {
+    32: [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)],
+    64: [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)],
+    96: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
+}
+TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+
+
+def _config(tile) -> triton.Config:
+    bm, bn, w, s = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _tile_of(cfg: triton.Config):
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = TILES[kind][args["HEAD_DIM"]]
+        if not AUTOTUNE:
+            wanted = wanted[:1]
+        return [c for c in configs if _tile_of(c) in wanted]
+    return prune
+
+
+def _all_configs(kind: str):
+    tiles = sorted({t for lst in TILES[kind].values() for t in lst})
+    return [_config(t) for t in tiles]
+
+
+_KEY = ["SEQLEN_KEY", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "USE_TMA"]
+
+
+def _quick_bench(fn, quantiles):
+    """The autotuner's timer: a few ms per config is enough to rank 3-4 tiles."""
+    return triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=quantiles)
+
+
+
+if INTERPRET:  # autotuning needs a driver; the interpreter launches the raw kernels
+    _fwd_tuned = _dkdv_tuned = _dq_tuned = None
+else:
+    _fwd_tuned = triton.autotune(_all_configs("fwd"), key=_KEY,
+                                 prune_configs_by={"early_config_prune": _pruner("fwd")},
+                                 do_bench=_quick_bench)(_attn_fwd_kernel)
+    _dkdv_tuned = triton.autotune(_all_configs("dkdv"), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _pruner("dkdv")},
+                                 do_bench=_quick_bench)(_attn_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(_all_configs("dq"), key=_KEY,
+                                prune_configs_by={"early_config_prune": _pruner("dq")},
+                                 do_bench=_quick_bench)(_attn_bwd_dq_kernel)
+
+
+def _launch(kind, raw, tuned, grid, args, consts, headdim, tile=None):
+    """Launch with an explicit tile, the interpreter's tile, or the autotuner's choice."""
+    # Triton keeps the allocator in a context variable: set it in the launching thread
+    # (autograd runs the backward pass in a thread of its own)
+    triton.set_allocator(_allocator)
+    if tile is None and (INTERPRET or not AUTOTUNE):
+        tile = _INTERPRETER_TILES[kind] if INTERPRET else TILES[kind][headdim][0]
+    if tile is None:
+        tuned[grid](*args, **consts)
+        return
+    bm, bn, w, s = tile
+    raw[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+def best_tiles() -> dict:
+    """What the autotuner chose so far: {kind: {key: (BLOCK_M, BLOCK_N, warps, stages)}}."""
+    out = {}
+    for kind, tuned in (("fwd", _fwd_tuned), ("dkdv", _dkdv_tuned), ("dq", _dq_tuned)):
+        if tuned is not None:
+            out[kind] = {str(k): _tile_of(c) for k, c in tuned.cache.items()}
+    return out
+
+
+# ======================================================================================
+# Host side: validation, launches, autograd
+# ======================================================================================
+
+def _seqlen_key(n: int) -> int:
+    return min(triton.next_power_of_2(max(int(n), 1)), 16384)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_cu(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors need sm_90+, 16-byte aligned bases and 16-byte multiple strides."""
+    if INTERPRET or not _is_hopper_or_newer(tensors[0].device.index or 0):
+        return False
+    for t in tensors:
+        if t.data_ptr() % 16 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _check_common(q, k, v, nd: int, what: str):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != nd:
+            raise ValueError(f"{name} must be {nd}-D {what}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported: use torch.float16 or torch.bfloat16")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != runtime.torch_device():
+        raise ValueError(f"tensors are on {q.device.type}, but this runtime launches on "
+                         f"{runtime.torch_device()}")
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"head dims differ: q {d}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if d not in SUPPORTED_HEADDIMS:
+        raise ValueError(f"headdim {d} is not supported (supported: {SUPPORTED_HEADDIMS})")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v head counts differ: {k.shape[-2]} vs {v.shape[-2]}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"heads_q={hq} is not a multiple of heads_k={hk}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), "
+                             f"got strides {t.stride()}")
+
+
+def _check_cu_seqlens(cu, name, total, max_seqlen, device):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}, q on {device}")
+    vals = cu.tolist()  # one small device-to-host copy; a wrong value would read out of bounds
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if min(lens) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} does not match the packed length {total}")
+    if max(lens) > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence "
+                         f"of {name} ({max(lens)})")
+
+
+# Every buffer a kernel must fully write is allocated here (the tests swap in NaN-filled
+# buffers to prove that no element is left unwritten).
+_empty = torch.empty
+
+
+class _Problem:
+    """Shapes and strides of one call, batched or packed, in the kernels' terms."""
+
+    def __init__(self, q, k, v, softmax_scale, causal, cu_q=None, cu_k=None,
+                 max_sq=None, max_sk=None):
+        self.varlen = cu_q is not None
+        self.causal = bool(causal)
+        self.d = q.shape[-1]
+        self.block_d = triton.next_power_of_2(self.d)  # 96 -> 128: masks/TMA pad the tile
+        self.hq, self.hk = q.shape[-2], k.shape[-2]
+        self.group = self.hq // self.hk
+        if self.varlen:
+            self.batch = cu_q.numel() - 1
+            self.sq, self.sk = int(max_sq), int(max_sk)
+        else:
+            self.batch, self.sq, self.sk = q.shape[0], q.shape[1], k.shape[1]
+        self.scale = float(self.d ** -0.5 if softmax_scale is None else softmax_scale)
+        dummy = _dummy_cu(q.device)
+        self.cu_q = cu_q if self.varlen else dummy
+        self.cu_k = cu_k if self.varlen else dummy
+        self.key = _seqlen_key(max(self.sq, self.sk))
+
+    def strides(self, t):
+        """(batch, seq, head) strides; packed tensors have no batch stride."""
+        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def lse_strides(self, lse):
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+    def consts(self, use_tma):
+        return dict(HEAD_DIM=self.d, BLOCK_D=self.block_d, GROUP=self.group, CAUSAL=self.causal,
+                    IS_VARLEN=self.varlen, USE_TMA=use_tma, DOT_FP32=INTERPRET)
+
+
+def _flash_fwd(q, k, v, p: _Problem, use_tma=None, tile=None, warp_spec=False):
+    """out (q's shape, q's dtype) and lse (float32: (b, hq, sq) or (hq, total_q))."""
+    out = _empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (p.hq, q.shape[0]) if p.varlen else (p.batch, p.hq, p.sq)
+    lse = _empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if use_tma is None:
+        use_tma = _tma_ok(q, k, v, out)
+    args = (q, k, v, out, lse, p.cu_q, p.cu_k, *p.strides(q), *p.strides(k), *p.strides(v),
+            *p.strides(out), *p.lse_strides(lse), p.sq, p.sk, p.hq, p.scale * LOG2E, p.key)
+    grid = lambda meta: (triton.cdiv(p.sq, meta["BLOCK_M"]), p.batch * p.hq)  # noqa: E731
+    _launch("fwd", _attn_fwd_kernel, _fwd_tuned, grid, args,
+            {**p.consts(use_tma), "WARP_SPEC": warp_spec}, p.d, tile)
+    return out, lse
+
+
+def _flash_bwd(do, q, k, v, out, lse, p: _Problem, use_tma=None, tiles=None):
+    """dq, dk, dv in the inputs' dtype and shapes (dk, dv summed over GQA groups)."""
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    if dk.numel() == 0 or dq.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if use_tma is None:
+        use_tma = _tma_ok(q, k, v, do, dq, dk, dv)
+    tiles = tiles or {}
+    delta = _empty(lse.shape, dtype=torch.float32, device=lse.device)
+    consts = p.consts(use_tma)
+    pre_m = 64 if not INTERPRET else 32
+    _attn_bwd_preprocess[(triton.cdiv(p.sq, pre_m), p.batch * p.hq)](
+        out, do, delta, p.cu_q, *p.strides(out), *p.strides(do), *p.lse_strides(lse), p.sq, p.hq,
+        HEAD_DIM=p.d, BLOCK_D=p.block_d, IS_VARLEN=p.varlen, BLOCK_M=pre_m)
+    common = (*p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do))
+    args = (q, k, v, do, lse, delta, dk, dv, p.cu_q, p.cu_k, *common, *p.strides(dk),
+            *p.strides(dv), *p.lse_strides(lse), p.sq, p.sk, p.hk, p.scale * LOG2E, p.scale, p.key)
+    grid = lambda meta: (triton.cdiv(p.sk, meta["BLOCK_N"]), p.batch * p.hk)  # noqa: E731
+    _launch("dkdv", _attn_bwd_dkdv_kernel, _dkdv_tuned, grid, args, consts, p.d, tiles.get("dkdv"))
+    args = (q, k, v, do, lse, delta, dq, p.cu_q, p.cu_k, *common, *p.strides(dq),
+            *p.lse_strides(lse), p.sq, p.sk, p.hq, p.scale * LOG2E, p.scale, p.key)
+    grid = lambda meta: (triton.cdiv(p.sq, meta["BLOCK_M"]), p.batch * p.hq)  # noqa: E731
+    _launch("dq", _attn_bwd_dq_kernel, _dq_tuned, grid, args, consts, p.d, tiles.get("dq"))
+    return dq, dk, dv
+
+
+class _FlashAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, problem):
+        out, lse = _flash_fwd(q, k, v, problem)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.problem = problem
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, ctx.problem)
+        return dq, dk, dv, None
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+    """Exact attention, flash-attn's layout: q (b, sq, hq, d), k/v (b, sk, hk, d).
+
+    Returns out (b, sq, hq, d) in q's dtype, and with ``return_lse`` also the natural-log
+    log-sum-exp, float32 (b, hq, sq), +inf for rows that see no key.
+    """
+    _check_common(q, k, v, 4, "(batch, seqlen, heads, headdim)")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v seqlens differ: {k.shape[1]} vs {v.shape[1]}")
+    p = _Problem(q, k, v, softmax_scale, causal)
+    if p.sk == 0 and q.numel():  # no keys at all: every row is empty (no launch)
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        lse = torch.full((p.batch, p.hq, p.sq), math.inf, device=q.device)
+        return (out, lse) if return_lse else out
+    out, lse = _FlashAttn.apply(q, k, v, p)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           softmax_scale=None, causal=False, return_lse=False):
+    """Attention over packed sequences: q (total_q, hq, d), k/v (total_k, hk, d).
+
+    cu_seqlens_* are int32 (batch + 1,) cumulative lengths starting at 0; sequences may be
+    empty. Returns out (total_q, hq, d) and with ``return_lse`` lse float32 (hq, total_q).
+    """
+    _check_common(q, k, v, 3, "(total_tokens, heads, headdim)")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v token counts differ: {k.shape[0]} vs {v.shape[0]}")
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe different batch sizes: "
+                         f"{cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1}")
+    p = _Problem(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k)
+    if p.sk == 0 and q.numel():
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        lse = torch.full((p.hq, q.shape[0]), math.inf, device=q.device)
+        return (out, lse) if return_lse else out
+    out, lse = _FlashAttn.apply(q, k, v, p)
+    return (out, lse) if return_lse else out

@@ -206,14 +206,17 @@ def _current_lane_thread(name: str):
 
 
 def _lane_state(thread, warp: _Warp, lane: int) -> str:
-    """'absent' (no such thread in the block), 'exited', 'syncthreads', or 'running'."""
+    """'absent' (no such thread in the block), 'exited', 'failed' (exited by an error),
+    'syncthreads', or 'running'."""
     if lane >= warp.lanes_in_block:
         return "absent"
     other = _block_threads(thread._manager).get(warp.index * WARP_SIZE + lane)
-    if other is None or other.ident is None:
-        return "running"  # not started yet: it will come
-    if not other.is_alive():
-        return "exited"
+    if other is None:
+        return "running"  # not created yet: it will come
+    if getattr(other, "_warp_sim_exited", False):
+        # set by the patched BlockThread.run when the kernel returned (or raised)
+        return "failed" if getattr(other, "exception", None) else "exited"
+    # (not Thread.is_alive(): it is False also for a thread that is still starting)
     if other.syncthreads_blocked:
         return "syncthreads"
     return "running"
@@ -286,6 +289,11 @@ def _exchange(name: str, op: str, mask, value, b, compute):
                 seen_arrivals, last_progress = len(rnd.arrivals), now
             waiting_for = missing(rnd)
             for other, state in waiting_for:
+                if state == "failed":  # pass its error on: it is the cause, not us
+                    exc = _block_threads(thread._manager)[warp.index * WARP_SIZE + other].exception
+                    raise WarpSyncError(
+                        f"lane {other} of warp {warp.index} stopped with an error while lane "
+                        f"{lane} waited for it in cuda.{op}: {exc[0] if exc else '?'}")
                 if state == "syncthreads":
                     since = stuck_since.setdefault(other, now)
                     if now - since > SYNCTHREADS_GRACE_S:
@@ -467,8 +475,9 @@ def install() -> bool:
         setattr(FakeCUDAModule, name, staticmethod(fn))
         installed.append(name)
 
-    # Record each simulated thread with its block, so a waiting lane can tell a lane
-    # that has not started yet from one that exited or sits in syncthreads().
+    # Record each simulated thread with its block, and mark it when its kernel returns,
+    # so a waiting lane can tell a lane that has not started yet (wait for it) from one
+    # that exited (do not) or sits in syncthreads() (deadlock).
     block_thread = sim_kernel.BlockThread
     if not getattr(block_thread, "_warp_sim_patched", False):
         original_init = block_thread.__init__
@@ -477,7 +486,16 @@ def install() -> bool:
             original_init(self, *args, **kwargs)
             _block_threads(self._manager)[self.thread_id] = self
 
+        original_run = block_thread.run
+
+        def run(self):
+            try:
+                original_run(self)
+            finally:
+                self._warp_sim_exited = True
+
         block_thread.__init__ = __init__
+        block_thread.run = run
         block_thread._warp_sim_patched = True
     _installed = installed
     return True

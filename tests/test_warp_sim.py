@@ -404,3 +404,18 @@ def test_numba_cuda_own_warp_op_kernels():
     jit(k["use_independent_scheduling"])[1, 32](arr)
     np.testing.assert_array_equal(arr, np.tile((0x11111111, 0x22222222, 0x44444444,
                                                 0x88888888), 8))
+
+
+@emulation_only
+def test_lanes_still_starting_are_waited_for():
+    # A lane whose thread is starting (Thread.is_alive() still False) must not be taken
+    # for an exited one: shuffle first thing, in many short blocks (found as a race).
+    @cuda.jit
+    def kern(a, out):
+        i = cuda.grid(1)
+        out[i] = cuda.shfl_xor_sync(0xFFFFFFFF, a[i], 31)
+
+    a = np.random.default_rng(7).standard_normal(8 * 64)
+    out = np.zeros_like(a)
+    kern[8, 64](a, out)
+    np.testing.assert_array_equal(out, a[np.arange(a.size) ^ 31])

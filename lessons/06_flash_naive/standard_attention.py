@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from common import runtime  # noqa: F401  (selects GPU or simulator before numba loads)
-from numba import cuda, float32
+from numba import cuda, float32, uint32
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
@@ -68,6 +68,11 @@ def qk_scores_kernel(q, k, s, softmax_scale, causal):
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     tid = ty * THREADS + tx
+    # Unsigned indices in the inner loop: for a signed index Numba emits Python's
+    # negative-index wraparound (if i < 0: i += n), integer instructions that compete with
+    # the FMAs for issue slots. (Never mix: Numba turns uint + int64 into float64.)
+    tyu = uint32(ty)
+    txu = uint32(tx)
 
     # +1 padding: 16 threads of a warp read 16 different rows of k_s at the same column;
     # a row stride of 33 floats puts them in 16 different banks (32 would be 1 bank).
@@ -90,10 +95,11 @@ def qk_scores_kernel(q, k, s, softmax_scale, causal):
             k_s[r, x] = float32(k[b, col0 + r, h, x0 + x]) if col0 + r < seqlen_k else float32(0.0)
         cuda.syncthreads()
         for x in range(BK):
+            xu = uint32(x)  # unsigned shared-memory indices: see "tyu" above
             for a in range(TM):
-                q_reg[a] = q_s[ty + a * THREADS, x]
+                q_reg[a] = q_s[tyu + uint32(a * THREADS), xu]
             for c in range(TM):
-                k_reg[c] = k_s[tx + c * THREADS, x]
+                k_reg[c] = k_s[txu + uint32(c * THREADS), xu]
             for a in range(TM):
                 for c in range(TM):
                     acc[a, c] += q_reg[a] * k_reg[c]
@@ -198,6 +204,8 @@ def pv_kernel(p, v, o):
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     tid = ty * THREADS + tx
+    tyu = uint32(ty)  # unsigned inner-loop indices, as in qk_scores_kernel
+    txu = uint32(tx)
 
     p_s = cuda.shared.array((TILE, BK_PAD), float32)  # P[rows, x0:x0+32] (+1: see above)
     v_s = cuda.shared.array((BK, TILE), float32)      # V[x0:x0+32, cols]: read along a row
@@ -220,10 +228,11 @@ def pv_kernel(p, v, o):
             v_s[x, c] = float32(v[b, x0 + x, h, col0 + c]) if ok else float32(0.0)
         cuda.syncthreads()
         for x in range(BK):
+            xu = uint32(x)
             for a in range(TM):
-                p_reg[a] = p_s[ty + a * THREADS, x]
+                p_reg[a] = p_s[tyu + uint32(a * THREADS), xu]
             for c in range(TM):
-                v_reg[c] = v_s[x, tx + c * THREADS]
+                v_reg[c] = v_s[xu, txu + uint32(c * THREADS)]
             for a in range(TM):
                 for c in range(TM):
                     acc[a, c] += p_reg[a] * v_reg[c]

@@ -59,13 +59,14 @@ def test_scale_and_intermediates():
     """S is scale * Q K^T (masked -inf), each row of P sums to 1, lse = logsumexp(S)."""
     q, k, v = _qkv(1, 19, 23, 1, 32, torch.float32, seed=3)
     o, lse, s, p = sa.standard_attention(q, k, v, softmax_scale=0.3, causal=True, return_sp=True)
-    qf, kf = q[0, :, 0].double(), k[0, :, 0].double()
+    qf, kf = q[0, :, 0].double().cpu(), k[0, :, 0].double().cpu()
     s_ref = 0.3 * qf @ kf.T
     i = torch.arange(19)[:, None]
     j = torch.arange(23)[None, :]
     s_ref = s_ref.masked_fill(j > i + 23 - 19, -math.inf)
     assert_close(s[0, 0], s_ref, dtype=torch.float32, name="S")
-    assert_close(p[0, 0].sum(-1), torch.ones(19), dtype=torch.float32, name="rowsum P")
+    assert_close(p[0, 0].sum(-1), torch.ones(19, device=p.device), dtype=torch.float32,
+                 name="rowsum P")
     assert_close(lse[0, 0], torch.logsumexp(s_ref, -1), dtype=torch.float32, name="lse")
     ref_o, _ = attention_ref(q, k, v, softmax_scale=0.3, causal=True)
     assert_close(o, ref_o, dtype=torch.float32)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from common import runtime
-from numba import cuda, float32
+from numba import cuda, float32, uint32
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
@@ -132,6 +132,14 @@ def build_kernel(d: int, cfg: TileConfig, ablate_o_traffic: bool = False):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * NTX + tx
+        # The two inner loops index shared memory with UNSIGNED integers. For a signed
+        # index Numba emits Python's negative-index wraparound (if i < 0: i += n), which
+        # here also kept the compiler from folding the micro-tile's rows into constant
+        # offsets: ~3x more integer instructions than FMAs in the first version, whose
+        # time was bound by instruction issue (README.md: "what limits the kernel").
+        # Keep unsigned and signed apart: Numba turns uint + int64 into float64.
+        tyu = uint32(ty)
+        txu = uint32(tx)
 
         k_s = cuda.shared.array((BC, K_STRIDE), float32)    # K_j
         v_s = cuda.shared.array((BC, D), float32)           # V_j
@@ -198,10 +206,11 @@ def build_kernel(d: int, cfg: TileConfig, ablate_o_traffic: bool = False):
                     for c in range(TN):
                         s_acc[a, c] = float32(0.0)
                 for x in range(D):
+                    xu = uint32(x)  # unsigned indices: see "tyu" above
                     for a in range(TM):
-                        a_reg[a] = qp_s[ty + a * NTY, x]
+                        a_reg[a] = qp_s[tyu + uint32(a * NTY), xu]
                     for c in range(TN):
-                        b_reg[c] = k_s[tx + c * NTX, x]
+                        b_reg[c] = k_s[txu + uint32(c * NTX), xu]
                     for a in range(TM):
                         for c in range(TN):
                             s_acc[a, c] += a_reg[a] * b_reg[c]
@@ -270,10 +279,11 @@ def build_kernel(d: int, cfg: TileConfig, ablate_o_traffic: bool = False):
                     for e in range(TD):
                         o_acc[a, e] = float32(0.0)
                 for c in range(BC):
+                    cu = uint32(c)
                     for a in range(TM):
-                        a_reg[a] = qp_s[ty + a * NTY, c]
+                        a_reg[a] = qp_s[tyu + uint32(a * NTY), cu]
                     for e in range(TD):
-                        d_reg[e] = v_s[c, tx + e * NTX]
+                        d_reg[e] = v_s[cu, txu + uint32(e * NTX)]
                     for a in range(TM):
                         for e in range(TD):
                             o_acc[a, e] += a_reg[a] * d_reg[e]

@@ -140,6 +140,12 @@ def build_kernel(d: int, cfg: TileConfig, ablate_o_traffic: bool = False):
         # Keep unsigned and signed apart: Numba turns uint + int64 into float64.
         tyu = uint32(ty)
         txu = uint32(tx)
+        # The K/V staging loop's indices are unsigned too (about half the instructions of
+        # the signed version). Not Q's: there it pushed the kernel from 99 to 146 registers,
+        # one block less per SM; at 128 (this version) 4 blocks fit, as shared memory allows.
+        bu = uint32(b)
+        hu = uint32(h)
+        seqlen_ku = uint32(seqlen_k)
 
         k_s = cuda.shared.array((BC, K_STRIDE), float32)    # K_j
         v_s = cuda.shared.array((BC, D), float32)           # V_j
@@ -169,12 +175,14 @@ def build_kernel(d: int, cfg: TileConfig, ablate_o_traffic: bool = False):
             if causal and col0 > last_row_of_group + diag:
                 break  # this and every later K/V tile is masked for all my rows
             # line 6: K_j, V_j -> shared memory (rows past seqlen_k = 0, so 0 * 0 later)
+            col0u = uint32(col0)
             for t in range(tid, BC * D, NT):
-                c = t // D
-                x = t - c * D
-                if col0 + c < seqlen_k:
-                    k_s[c, x] = float32(k[b, col0 + c, h, x])
-                    v_s[c, x] = float32(v[b, col0 + c, h, x])
+                tu = uint32(t)
+                c = tu // uint32(D)   # consecutive threads: consecutive x (coalesced)
+                x = tu % uint32(D)
+                if col0u + c < seqlen_ku:
+                    k_s[c, x] = float32(k[bu, col0u + c, hu, x])
+                    v_s[c, x] = float32(v[bu, col0u + c, hu, x])
                 else:
                     k_s[c, x] = float32(0.0)
                     v_s[c, x] = float32(0.0)

@@ -4,7 +4,7 @@
         python lessons/07_flash_v1/ncu_targets.py
 
 Runs, once each: lesson 06's three kernels (scores, softmax_rows, pv), then FlashAttention
-v1 with one Q tile per block and with one block per (batch, head). The README's "what
+v1 with one and two Q tiles per block and with one block per (batch, head). The README's "what
 limits the kernel" quotes the DRAM bytes, L2 bytes, FMA-pipe and shared-memory utilization
 that ncu reports for these launches (results/ncu-<gpu>.csv).
 """
@@ -31,6 +31,8 @@ q, k, v = (torch.randn(batch, n, heads, d, generator=g, device=fv.runtime.torch_
            for _ in range(3))
 sa.standard_attention(q, k, v)
 fv.flash_attn_v1(q, k, v, q_tiles_per_block=1)
+fv.flash_attn_v1(q, k, v, q_tiles_per_block=2)
 fv.flash_attn_v1(q, k, v, q_tiles_per_block=None)
 torch.cuda.synchronize()
-print("launched: qk_scores, softmax_rows, pv, flash_v1 (1 Q tile/block), flash_v1 (1 block per (b,h))")
+print("launched: qk_scores, softmax_rows, pv, flash_v1 with 1 and 2 Q tiles per block, "
+      "flash_v1 with one block per (b, h)")

@@ -64,19 +64,22 @@ class MLAConfig(NamedTuple):
 
 def default_config(rows: int) -> MLAConfig:
     """The config for ``rows = seqlen_q * heads_q // heads_k`` folded query rows: the
-    winners of ``main.py --bench``'s sweep on an H100 (results/config_sweep-*.json).
+    winners of the sweep that ``main.py --bench`` runs first (results/config_sweep-*.json,
+    H100, batch 128, cache length 4096).
 
-    Few rows (memory-bound): small tiles on the older mma.sync path, 4 warps, two programs
-    per SM. 64 rows and more (compute-bound): BLOCK_M = 64 on Hopper's wgmma with 8 warps
-    (FlashMLA's tile). A 64 x 512 fp32 accumulator already takes 128 registers per thread
-    with 8 warps, so 128 rows do not fit one program; they become two programs that read
-    the same cache tiles (the second read mostly hits L2).
+    Up to 32 rows (memory-bound): small tiles on the mma.sync path with 4 warps, which
+    leave room for two programs per SM. 64 and 128 rows: BLOCK_M = 64 on Hopper's wgmma
+    with 8 warps (FlashMLA's tile); a 64 x 512 fp32 accumulator already takes 128 registers
+    per thread, so 128 rows become two programs that read the same cache tiles (the second
+    read mostly hits L2). 256 rows (s_q = 2, h_q = 128): 32-row tiles won by a few percent.
     """
     if rows <= 16:
         return MLAConfig(16, 512, 4, 2, parts_per_sm=1)
     if rows <= 32:
         return MLAConfig(32, 512, 4, 2, parts_per_sm=2)
-    return MLAConfig(64, 512, 8, 2, parts_per_sm=1)
+    if rows <= 128:
+        return MLAConfig(64, 512, 8, 2, parts_per_sm=1)
+    return MLAConfig(32, 512, 4, 2, parts_per_sm=1)
 
 
 # ----------------------------------------------------------------------------------------

@@ -164,76 +164,62 @@ def check_kernel():
 SWEEP_CONFIGS = [
     # block_m, block_dv, num_warps, num_stages. BLOCK_DV = 256 is left out: Triton 3.6
     # buffers the extra V slice too and needs ~280 KB of shared memory (227 KB available).
-    # A first sweep (README) also had 8 warps at 16/32 rows and 3 stages at 64 rows: slower.
-    MLAConfig(16, 512, 4, 2), MLAConfig(16, 512, 4, 3), MLAConfig(32, 512, 4, 2),
-    MLAConfig(64, 512, 8, 2),
+    MLAConfig(16, 512, 4, 2), MLAConfig(16, 512, 4, 3), MLAConfig(16, 512, 8, 2),
+    MLAConfig(32, 512, 4, 2), MLAConfig(32, 512, 8, 2), MLAConfig(64, 512, 8, 2),
+    MLAConfig(64, 512, 8, 3),
 ]
-SWEEP_CASES = ((1, 16), (2, 16), (1, 64), (1, 128), (2, 128))   # (s_q, h_q), heads_k = 1
-SWEEP_LENGTHS = ((4096, False), (8192, True))                    # (mean, varying)
-SWEEP_PARTS_PER_SM = (1, 2, 4)
+SWEEP_CASES = ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128))   # (s_q, h_q), heads_k = 1
 
 
-def sweep(batch=128, ceilings=None, lengths=SWEEP_LENGTHS):
-    """Time every (config, shares per SM) on each case, on fixed and on varying lengths;
-    return {rows: the config with the smallest sum of time / best time over the lengths}."""
+def sweep(batch=128, mean=4096, ceilings=None):
+    """Time every config on each case; return {rows: best config} for the cases' rows."""
     report = BenchReport(LESSON, "config_sweep", "GB/s",
-                         f"Decode kernel tile configs and plan granularity, batch {batch}, bf16 "
-                         "(GB/s by FlashMLA's byte formula; TFLOPS in the JSON)", ceilings)
-    sms = flash_mla._num_sm(torch.device(DEV))
-    times = {}                                   # (rows, cfg) -> [ms per length setup]
-    for li, (mean, varlen) in enumerate(lengths):
-        lens = flashmla_lens(batch, mean, varlen, 2, seed=mean + 1)
-        k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16, seed=li)
-        for sq, hq in SWEEP_CASES:
-            rows = sq * hq
-            q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
-            flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
-            meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
-            ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
-                                            meta0, ns0, causal=sq > 1, config=MLAConfig())
-            for cfg0 in SWEEP_CONFIGS:
-                if rows >= 64 and cfg0.block_m < 32:
-                    continue
-                for per_sm in SWEEP_PARTS_PER_SM:
-                    cfg = cfg0._replace(parts_per_sm=per_sm)
-                    parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
-                    meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts)
+                         f"Decode kernel tile configs, batch {batch}, every cache length "
+                         f"{mean}, bf16 (GB/s by FlashMLA's byte formula; TFLOPS in the JSON)",
+                         ceilings)
+    lens = flashmla_lens(batch, mean, False, 1)
+    k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16)
+    sms = flash_mla._num_sm(k_cache.device)
+    best = {}
+    for sq, hq in SWEEP_CASES:
+        rows = sq * hq
+        q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
+        flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
+        meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
+        ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta0,
+                                        ns0, causal=sq > 1, config=MLAConfig())
+        for cfg0 in SWEEP_CONFIGS:
+            if rows >= 64 and cfg0.block_m < 32 or rows > 64 and cfg0.block_m == 16:
+                continue
+            for per_sm in ((1, 2) if cfg0.block_m <= 32 and rows <= 32 else (1,)):
+                cfg = cfg0._replace(parts_per_sm=per_sm)
+                parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
+                meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts)
 
-                    def run():
-                        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
-                                                      512, meta, ns, causal=sq > 1,
-                                                      check_lengths=False, config=cfg)
-                    try:
-                        out, _ = run()
-                        assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
-                        t = bench(run)
-                    except Exception as e:  # out of shared memory, etc.: say so, go on
-                        console.print(f"[red]{cfg} s_q={sq} h_q={hq}: {type(e).__name__}: "
-                                      f"{str(e)[:200]}[/red]")
-                        continue
-                    case = {"mean len": mean, "lengths": "varying" if varlen else "fixed",
-                            "h_q": hq, "s_q": sq, "BLOCK_M": cfg.block_m,
-                            "warps": cfg.num_warps, "stages": cfg.num_stages,
-                            "parts/SM": per_sm}
-                    report.add(case, "triton", t, gbps(nbytes, t.median_ms),
-                               tflops=tflops(flops, t.median_ms), config=cfg._asdict(),
-                               splits=int(ns[-1]))
-                    console.print(f"{mean} {'var' if varlen else 'fix'} s_q={sq} h_q={hq:3d} "
-                                  f"m{cfg.block_m} w{cfg.num_warps} s{cfg.num_stages} "
-                                  f"p{per_sm}: {t.median_ms * 1e3:8.1f} us "
-                                  f"{gbps(nbytes, t.median_ms):6.0f} GB/s "
-                                  f"{tflops(flops, t.median_ms):6.1f} TFLOPS")
-                    times.setdefault((rows, cfg), [None] * len(lengths))[li] = t.median_ms
-        del k_cache, block_table
+                def run():
+                    return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
+                                                  meta, ns, causal=sq > 1, check_lengths=False,
+                                                  config=cfg)
+                try:
+                    out, _ = run()
+                    assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
+                    t = bench(run)
+                except Exception as e:  # out of shared memory, etc.: say so, go on
+                    console.print(f"[red]{cfg} s_q={sq} h_q={hq}: {type(e).__name__}: "
+                                  f"{str(e)[:200]}[/red]")
+                    continue
+                case = {"h_q": hq, "s_q": sq, "BLOCK_M": cfg.block_m, "warps": cfg.num_warps,
+                        "stages": cfg.num_stages, "parts/SM": per_sm}
+                report.add(case, "triton", t, gbps(nbytes, t.median_ms),
+                           tflops=tflops(flops, t.median_ms), config=cfg._asdict())
+                console.print(f"s_q={sq} h_q={hq:3d} {cfg}: {t.median_ms * 1e3:8.1f} us "
+                              f"{gbps(nbytes, t.median_ms):8.0f} GB/s "
+                              f"{tflops(flops, t.median_ms):6.1f} TFLOPS")
+                if rows not in best or t.median_ms < best[rows][0]:
+                    best[rows] = (t.median_ms, cfg)
     report.print()
     console.print(f"saved {report.save()}")
-    best = {}
-    for rows in sorted({r for r, _ in times}):
-        cands = {c: ts for (r, c), ts in times.items() if r == rows and None not in ts}
-        fastest = [min(ts[i] for ts in cands.values()) for i in range(len(lengths))]
-        best[rows] = min(cands, key=lambda c: sum(t / f for t, f in zip(cands[c], fastest)))
-        console.print(f"rows {rows}: {best[rows]}")
-    return best
+    return {rows: cfg for rows, (_, cfg) in best.items()}
 
 
 def tuned(best: dict):
@@ -255,7 +241,7 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
 
     ceilings = measure_ceilings()
     # Tile configs chosen by timing them first, in this run (recorded with every row).
-    best = sweep(batch=batch, ceilings=ceilings)
+    best = sweep(batch=batch, mean=means[0], ceilings=ceilings)
     flash_mla.default_config = tuned(best)
     title = (f"MLA decoding, FlashMLA's setup: batch {batch}, heads_k 1, bf16, d_qk 576, "
              "d_v 512, pages of 64 in random order")

@@ -96,6 +96,7 @@ CASES = [
     ([100, 64], 1, 32, 1, False, torch.float16, None),
     ([129, 40], 2, 64, 1, True, torch.bfloat16, 3),
     ([70], 1, 128, 1, False, torch.bfloat16, 2),
+    ([70, 3], 2, 128, 1, True, torch.bfloat16, 2),        # 256 rows: the 32-row tiles
     ([33, 5], 1, 3, 1, False, torch.bfloat16, None),
     ([45, 191], 2, 24, 1, True, torch.float16, 3),
     ([77, 3, 190], 4, 8, 2, True, torch.bfloat16, 5),

@@ -4,6 +4,7 @@
     python lessons/08_flash_v2/main.py --bench      the papers' benchmark vs SDPA FA2 / cuDNN
     python lessons/08_flash_v2/main.py --ablation   v1 -> v2, one measured step at a time
     python lessons/08_flash_v2/main.py --sweep      TFLOPS of every tile in the tuning set
+    python lessons/08_flash_v2/main.py --launch-overhead   seqlen 512: eager vs CUDA graph
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
@@ -16,6 +17,8 @@ def _extra(parser):
                         help="time each step from v1 to v2 on the same shapes (GPU only)")
     parser.add_argument("--sweep", action="store_true",
                         help="TFLOPS of every tile of the pruned tuning set (GPU only)")
+    parser.add_argument("--launch-overhead", action="store_true",
+                        help="seqlen 512: eager launch vs CUDA graph, every implementation")
     parser.add_argument("--sweep-kernels", default="fwd,dkdv,dq",
                         help="with --sweep: which kernels (comma-separated)")
     parser.add_argument("--quick", action="store_true",
@@ -176,32 +179,65 @@ def run_bench(quick=False):
                     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16,
                                            generator=gen) for _ in range(3))
                     flops = attention_flops(b, s, s, h, d, causal=causal, mode=mode)
-                    for launch in ("cuda graph", "eager"):
-                        case = {"mode": mode, "headdim": d, "causal": causal, "seqlen": s,
-                                "batch": b, "heads": h, "launch": launch}
-                        for name, fn, peer in impls:
-                            try:
-                                t = _time_attention(fn, q, k, v, causal, mode,
-                                                    graph=launch == "cuda graph")
-                            except RuntimeError as e:  # a backend that refuses the shape
-                                console.print(f"[yellow]{name} {case}: {e}[/yellow]")
-                                t = None
-                            report.add(case, name, t, tflops(flops, t.median_ms) if t else None,
-                                       peer=peer)
+                    case = {"mode": mode, "headdim": d, "causal": causal, "seqlen": s, "batch": b,
+                            "heads": h}
+                    line = []
+                    for name, fn, peer in impls:
+                        try:
+                            t = _time_attention(fn, q, k, v, causal, mode)
+                        except RuntimeError as e:  # a backend that refuses the shape
+                            console.print(f"[yellow]{name} {case}: {e}[/yellow]")
+                            t = None
+                        val = tflops(flops, t.median_ms) if t else None
+                        report.add(case, name, t, val, peer=peer)
+                        line.append(f"{name} {val or 0:.0f}")
+                    console.print(f"{mode} d={d} causal={causal} s={s}: " + ", ".join(line))
                     del q, k, v
+                path = report.save()  # after every group: a cut-off run keeps what it measured
     report.print()
-    path = report.save()
     console.print(f"saved {path}")
     console.print(f"autotuner's choices: {fa.best_tiles()}")
     plot_bench(report.to_dict(), path.with_suffix(".png"))
 
 
-def plot_bench(data, png):
-    """The papers' figure: bars per sequence length, one panel per (pass, headdim, mask).
+def run_launch_overhead(seqlen=512):
+    """Short sequences: how much of each call is Python/launch overhead?
 
-    Bars: CUDA-graph timings (GPU time only) of the three implementations; the black tick
-    on our bar is the same call launched eagerly from Python (launch overhead included).
+    Every implementation timed twice at the same shape: launched eagerly from Python (as
+    in --bench) and replayed from a CUDA graph (GPU time only).
     """
+    precompile([("api", d, c, None, {}) for d in (64, 128) for c in (False, True)])
+    report = BenchReport(LESSON, "launch_overhead", "TFLOPS",
+                         f"Eager launch vs CUDA graph at seqlen {seqlen} (16k tokens, hidden "
+                         "2048, bf16)")
+    impls = _impls()
+    for mode in ("fwd", "fwd_bwd"):
+        for d in (64, 128):
+            for causal in (False, True):
+                b, h = 16384 // seqlen, 2048 // d
+                q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(3))
+                flops = attention_flops(b, seqlen, seqlen, h, d, causal=causal, mode=mode)
+                for launch in ("eager", "cuda graph"):
+                    case = {"mode": mode, "headdim": d, "causal": causal, "seqlen": seqlen,
+                            "launch": launch}
+                    for name, fn, peer in impls:
+                        try:
+                            t = _time_attention(fn, q, k, v, causal, mode,
+                                                graph=launch == "cuda graph")
+                        except Exception as e:
+                            console.print(f"[yellow]{name} {case}: {type(e).__name__}: "
+                                          f"{str(e)[:200]}[/yellow]")
+                            t = None
+                        report.add(case, name, t, tflops(flops, t.median_ms) if t else None,
+                                   peer=peer)
+                report.save()
+    report.print()
+    console.print(f"saved {report.save()}")
+
+
+def plot_bench(data, png):
+    """The papers' figure: bars per sequence length, one panel per (pass, headdim, mask)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,27 +247,19 @@ def plot_bench(data, png):
     colors = {"SDPA flash (FA2)": "#9ecae1", "SDPA cuDNN": "#a1d99b", "triton FA2 (ours)": "#de2d26"}
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     panels = [(m, d, c) for m in ("fwd", "fwd_bwd") for d in (64, 128) for c in (False, True)]
-
-    def value(sel, impl, s, launch):
-        return next((r["value"] or 0 for r in sel if r["impl"] == impl and r["case"]["seqlen"] == s
-                     and r["case"].get("launch", "eager") == launch), 0)
-
     for ax, (mode, d, causal) in zip(axes.flat, panels):
         sel = [r for r in rows if r["case"]["mode"] == mode and r["case"]["headdim"] == d
                and r["case"]["causal"] == causal]
         seqlens = sorted({r["case"]["seqlen"] for r in sel})
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
-            vals = [value(sel, impl, s, "cuda graph") for s in seqlens]
+            vals = [next((r["value"] or 0 for r in sel if r["impl"] == impl
+                          and r["case"]["seqlen"] == s), 0) for s in seqlens]
             xs = [j + (i - (len(impls) - 1) / 2) * width for j in range(len(seqlens))]
             bars = ax.bar(xs, vals, width, label=impl, color=colors[impl])
             for bar, val in zip(bars, vals):
                 ax.text(bar.get_x() + bar.get_width() / 2, val + 5, f"{val:.0f}", ha="center",
                         va="bottom", fontsize=7, rotation=90)
-            if impl == "triton FA2 (ours)":
-                eager = [value(sel, impl, s, "eager") for s in seqlens]
-                ax.scatter(xs, eager, marker="_", s=120, color="black", zorder=3,
-                           label="ours, eager launch" if ax is axes.flat[0] else None)
         ax.set_xticks(range(len(seqlens)))
         ax.set_xticklabels([f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
         ax.set_title(f"{'forward' if mode == 'fwd' else 'forward + backward'}, "
@@ -243,7 +271,7 @@ def plot_bench(data, png):
     env = data["environment"]
     fig.suptitle(f"Attention, bf16, 16k tokens, hidden 2048 - {env.get('gpu')}, "
                  f"torch {env['packages'].get('torch')}, triton {env['packages'].get('triton')}, "
-                 f"{env['date']} (bars: CUDA-graph timing)")
+                 f"{env['date']}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     console.print(f"saved {png}")
@@ -427,13 +455,16 @@ def _time_bwd_kernel(which, do, q, k, v, out, lse, delta, p, tile):
 
 
 if __name__ == "__main__":
-    if (args.ablation or args.sweep) and runtime.is_emulated():
-        print("--ablation and --sweep time kernels: they need a GPU. Nothing to do.")
+    if (args.ablation or args.sweep or args.launch_overhead) and runtime.is_emulated():
+        print("--ablation, --sweep and --launch-overhead time kernels: they need a GPU. "
+              "Nothing to do.")
         sys.exit(0)
     if args.bench:
         run_bench(quick=args.quick)
     elif args.ablation:
         run_ablation()
+    elif args.launch_overhead:
+        run_launch_overhead()
     elif args.sweep:
         run_sweep(tuple(args.sweep_kernels.split(",")))
     else:

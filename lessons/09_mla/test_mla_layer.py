@@ -59,3 +59,19 @@ def test_absorbed_form_through_the_kernel():
     outs, _, _ = _decode_both(layer, 3, 2, gen, attend)
     for a, b in outs:
         assert rel_error(b, a) < 2e-2      # bf16 cache and queries: ~3 significant digits
+
+
+@pytest.mark.slow
+def test_compile_report_runs_without_a_gpu():
+    """The README's register/shared-memory figures come from this script: keep it working."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).with_name("mla_compile_report.py")
+    r = subprocess.run([sys.executable, str(script), "16,512,4,2"], capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import re
+    smem = re.search(r"'smem_bytes': (\d+)", r.stdout)
+    assert "'regs': " in r.stdout and smem, r.stdout
+    assert int(smem.group(1)) <= 227 * 1024   # fits an H100 SM, as the lesson claims

@@ -24,7 +24,8 @@ keeps re-reading a 1 MB O from HBM. The inner loop's iterations are independent 
 touch different rows of O, l, m), so ``q_tiles_per_block=g`` splits the Tr Q tiles into
 groups of g and gives each group its own block; each block still runs Algorithm 1 (K/V
 outer, its Q tiles inner, O/l/m read and written every step), just over fewer rows. The
-default g = 1 gives Tr x batch x heads blocks: README.md shows what each choice measured.
+default g = 2 (Tr / 2 x batch x heads blocks) measured fastest on the H100 at N = 4096:
+3.2x faster than one block per (b, h), 7% faster than g = 1 (README.md, "parallelism").
 
 Precision: inputs float32 or float16, everything on chip in float32, O kept in HBM in
 float32 between steps (FlashAttention's own v1 CUDA code kept such an ``o_tmp`` too:
@@ -389,7 +390,7 @@ def check_inputs(q, k, v, softmax_scale, q_tiles_per_block):
 
 
 def flash_attn_v1(q, k, v, softmax_scale: float | None = None, causal: bool = False, *,
-                  q_tiles_per_block: int | None = 1, config: TileConfig | None = None,
+                  q_tiles_per_block: int | None = 2, config: TileConfig | None = None,
                   out=None, _ablate_o_traffic: bool = False):
     """FlashAttention v1 forward: returns (out, lse).
 
@@ -397,7 +398,8 @@ def flash_attn_v1(q, k, v, softmax_scale: float | None = None, causal: bool = Fa
     float16, d in (32, 64, 128), CUDA tensors on a GPU (CPU tensors under the simulator).
     out: (batch, seqlen_q, heads, d) in q's dtype; lse: (batch, heads, seqlen_q) float32
     natural-log, +inf for a query that sees no key. ``causal`` is bottom-right aligned.
-    ``q_tiles_per_block``: Q tiles per thread block (None: all, one block per (b, h)).
+    ``q_tiles_per_block``: Q tiles per thread block (None: all, one block per (b, h), the
+    paper's Algorithm 1 read literally; 2, the default, measured fastest).
     """
     scale = check_inputs(q, k, v, softmax_scale, q_tiles_per_block)
     batch, seqlen_q, heads, d = q.shape
@@ -445,7 +447,7 @@ F32 = 4
 
 
 def hbm_bytes(batch, seqlen_q, seqlen_k, heads, d, cfg: TileConfig, elem=4,
-              q_tiles_per_block=1, causal=False) -> dict:
+              q_tiles_per_block=2, causal=False) -> dict:
     """Global-memory bytes the kernels request, by kind (README.md: "bytes moved").
 
     Per (i, j) step: read Q_i (elem bytes), read and write O_i (float32), l_i, m_i.

@@ -60,7 +60,7 @@ def check():
     mem = import_lesson_module("06", "attention_memory")
     cfg = fv.GPU_CONFIGS[64]
     table = Table(title=f"bytes requested from global memory, float32, batch 1, 32 heads, d 64, "
-                        f"tiles {cfg.block_m} x {cfg.block_n} (analytic)")
+                        f"tiles {cfg.block_m} x {cfg.block_n}, 2 Q tiles per block (analytic)")
     for col in ("N", "standard (lesson 06)", "v1: K, V", "v1: Q", "v1: O, l, m", "v1 total",
                 "v1 one block per (b, h)", "minimum"):
         table.add_column(col, justify="right")
@@ -170,7 +170,7 @@ def bench():
                 tflops(f, t.median_ms), variant=str(best_kw))
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (qq, kk, vv))
         t, _ = measure(lambda: torch_math(qt, kt, vt, causal), warmup_ms=10, rep_ms=60, min_reps=5)
-        peer = "torch math (TF32 off)" if dtype == torch.float32 else "torch math (float16, tensor cores)"
+        peer = "torch math (TF32 off)" if dtype == torch.float32 else "torch math (float16 inputs)"
         abl.add({"variant": name + " (fastest variant)"}, peer, t, tflops(f, t.median_ms), peer=True)
         del qt, kt, vt, qq, kk, vv
     del q, k, v, o

@@ -106,7 +106,7 @@ def errors(console) -> BenchReport:
     return report
 
 
-def _plot_bandwidth(report, ceilings, png):
+def _plot_bandwidth(report, ceilings, png, gpu=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,8 +126,8 @@ def _plot_bandwidth(report, ceilings, png):
     ax.set_yticks(ys, names)
     ax.invert_yaxis()
     ax.set_xlabel("GB/s (4 bytes per element read)")
-    ax.set_title(f"Reduction of 2^28 float32 on {runtime.probe_gpu().name}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Reduction of 2^28 float32 on {gpu or runtime.probe_gpu().name}")
+    ax.legend(loc="upper right", fontsize=8)  # over the short bars of rungs 1-3
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -192,6 +192,23 @@ def graph_check(console) -> BenchReport:
     report.print(console)
     console.print(f"saved {report.save()}")
     return report
+
+
+def replot(results_dir):
+    """Redraw both plots from saved JSON (no GPU needed)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+    for path in Path(results_dir).glob("reduction_*-*.json"):
+        data = json.loads(path.read_text())
+        rep = SimpleNamespace(rows=[SimpleNamespace(**{k: r[k] for k in ("case", "impl", "value",
+                                                                         "peer")})
+                                    for r in data["rows"]])
+        if data["name"] == "reduction_bandwidth":
+            _plot_bandwidth(rep, data["ceilings"], path.with_suffix(".png"),
+                            gpu=data["environment"]["gpu"])
+        elif data["name"] == "reduction_errors":
+            _plot_errors(rep, path.with_suffix(".png"))
 
 
 def run(console):

@@ -126,7 +126,8 @@ def main():
         ideal = sp.ideal_ms(one.stage_ms(), args.chunks)
         console.print(f"serial {serial.total_ms:.2f} ms, pipelined {tl.total_ms:.2f} ms, "
                       f"ideal {ideal:.2f} ms: {100 * ideal / tl.total_ms:.0f}% of ideal, "
-                      f"{serial.total_ms / tl.total_ms:.2f}x serial")
+                      f"{serial.total_ms / tl.total_ms:.2f}x serial (the host spent "
+                      f"{tl.host_issue_ms:.2f} ms issuing the pipeline)")
         console.print(text_timeline(serial), highlight=False)
         console.print(text_timeline(tl), highlight=False)
     console.rule("[green]lesson 05: every check passed[/green]")

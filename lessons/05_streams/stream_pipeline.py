@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 
 from common import runtime  # noqa: F401  (selects GPU or simulator before numba loads)
@@ -78,8 +79,13 @@ def spec_tolerance(iters: int) -> float:
     return 2.0 * (iters + 1) * 2.0**-24
 
 
+_sms: list[int] = []
+
+
 def _num_sms() -> int:
-    return 2 if runtime.is_emulated() else cuda.get_current_device().MULTIPROCESSOR_COUNT
+    if not _sms:  # a driver query: once, not per launch
+        _sms.append(2 if runtime.is_emulated() else cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    return _sms[0]
 
 
 def launch_work(d_x, d_y, iters: int, stream=0):
@@ -172,6 +178,7 @@ class Timeline:
     streams: int
     chunks: int
     ops: list[Op] = field(default_factory=list)   # in issue order: the issue log
+    host_issue_ms: float | None = None  # host time spent issuing (Python + driver calls)
 
     @property
     def timed(self) -> bool:
@@ -200,9 +207,14 @@ class Timeline:
         return {s: statistics.median(o.end_ms - o.start_ms for o in self.ops if o.stage == s)
                 for s in STAGES}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Timeline":
+        return cls(d["label"], d["streams"], d["chunks"], [Op(**o) for o in d["ops"]],
+                   d.get("host_issue_ms"))
+
     def as_dict(self) -> dict:
         return {"label": self.label, "streams": self.streams, "chunks": self.chunks,
-                "total_ms": self.total_ms,
+                "total_ms": self.total_ms, "host_issue_ms": self.host_issue_ms,
                 "ops": [o.__dict__ for o in self.ops]}
 
 
@@ -214,6 +226,9 @@ def ideal_ms(stage_ms: dict[str, float], chunks: int) -> float:
 
 
 # --- the pipeline ---------------------------------------------------------------------------
+ISSUE_PATHS = ("driver", "numba")
+
+
 class Pipeline:
     """Device buffers, streams and events for one (n, streams, chunks): reusable.
 
@@ -221,9 +236,25 @@ class Pipeline:
     copy h_x[lo:hi] in, work_kernel, copy the result out to h_y[lo:hi]; then waits for
     all streams and returns the Timeline (the issue log, with event times on a GPU).
     ``streams=1, chunks=1`` is the serial version: the same three operations, one queue.
+
+    ``issue`` is how the host issues each operation - it matters, because the host must
+    issue a chunk's three operations faster than the GPU runs them, or the GPU waits for
+    Python (measured on the H100: Numba's ``copy_to_device``/``copy_to_host`` on a fresh
+    slice and a plain kernel call cost ~0.5 ms of host time per chunk, more than a 16 MiB
+    chunk's 0.32 ms per stage):
+
+    * ``"numba"``: Numba's API, as one first writes it: ``d_x[lo:hi].copy_to_device(
+      h_x[lo:hi], stream=s)``, ``work_kernel[grid, block, s](...)``, ``copy_to_host``.
+      Every call re-checks and re-wraps its arguments in Python. (The only path under
+      emulation, where the simulator implements these calls.)
+    * ``"driver"`` (GPU default): everything that does not change between runs is
+      prepared here once - each chunk's device views and byte offsets, a launch
+      configuration per chunk of a kernel specialised for its argument types - and
+      the copies go straight to the driver (``cuMemcpyHtoDAsync``/``cuMemcpyDtoHAsync``
+      with precomputed pointers), which is all Numba's copy methods end up calling.
     """
 
-    def __init__(self, n: int, streams: int = 4, chunks: int = 16):
+    def __init__(self, n: int, streams: int = 4, chunks: int = 16, issue: str | None = None):
         who = "Pipeline"
         n = _check_count("n", n, who)
         self.streams = _check_count("streams", streams, who)
@@ -231,6 +262,12 @@ class Pipeline:
         if self.chunks > n:
             raise ValueError(f"{who}: {chunks} chunks of {n} elements would leave chunks "
                              "empty: use at most n chunks")
+        issue = issue or ("numba" if runtime.is_emulated() else "driver")
+        if issue not in ISSUE_PATHS:
+            raise ValueError(f"{who}: issue must be one of {ISSUE_PATHS}, got {issue!r}")
+        if issue == "driver" and runtime.is_emulated():
+            raise ValueError(f"{who}: issue='driver' needs a GPU (the simulator has no driver)")
+        self.issue = issue
         self.n = n
         self.bounds = chunk_bounds(n, self.chunks)
         self.d_x = cuda.device_array(n, np.float32)
@@ -239,6 +276,43 @@ class Pipeline:
         # Events made once: creating them inside the timed loop would cost host time.
         self.t0 = cuda.event()
         self.events = [(cuda.event(), cuda.event()) for _ in range(3 * self.chunks)]
+        if issue == "driver":
+            self._prepare_driver_path()
+
+    def _prepare_driver_path(self):
+        from numba.cuda.cudadrv.driver import _stream_handle, device_pointer, driver
+        self._driver = driver
+        self._dx_ptr, self._dy_ptr = device_pointer(self.d_x), device_pointer(self.d_y)
+        self._handles = [_stream_handle(q) for q in self.queues]  # what Numba passes on
+        views = [(self.d_x[lo:hi], self.d_y[lo:hi]) for lo, hi in self.bounds]
+        # one compiled kernel for these argument types: no type dispatch per launch
+        kernel = work_kernel.specialize(views[0][0], views[0][1], 0)
+        self._launches = []
+        for c, ((lo, hi), (dx, dy)) in enumerate(zip(self.bounds, views)):
+            blocks = max(1, min(_num_sms() * 8, math.ceil((hi - lo) / THREADS)))
+            self._launches.append((kernel[blocks, THREADS, self.queues[c % self.streams]],
+                                   dx, dy))
+
+    def _issue(self, c: int, stage: str, stream, h_x, h_y, iters: int):
+        lo, hi = self.bounds[c]
+        if self.issue == "numba":
+            if stage == "h2d":
+                self.d_x[lo:hi].copy_to_device(h_x[lo:hi], stream=stream)
+            elif stage == "kernel":
+                launch_work(self.d_x[lo:hi], self.d_y[lo:hi], iters, stream)
+            else:
+                self.d_y[lo:hi].copy_to_host(h_y[lo:hi], stream=stream)
+            return
+        handle = self._handles[c % self.streams]
+        if stage == "h2d":
+            self._driver.cuMemcpyHtoDAsync(self._dx_ptr + 4 * lo, h_x.ctypes.data + 4 * lo,
+                                           4 * (hi - lo), handle)
+        elif stage == "kernel":
+            launch, dx, dy = self._launches[c]
+            launch(dx, dy, iters)
+        else:
+            self._driver.cuMemcpyDtoHAsync(h_y.ctypes.data + 4 * lo, self._dy_ptr + 4 * lo,
+                                           4 * (hi - lo), handle)
 
     def run(self, h_x: np.ndarray, h_y: np.ndarray, iters: int, *,
             require_pinned: bool = True, label: str | None = None) -> Timeline:
@@ -251,6 +325,7 @@ class Pipeline:
             raise ValueError(f"Pipeline.run: iters must be >= 0, got {iters}")
         tl = Timeline(label or f"{self.streams} streams x {self.chunks} chunks",
                       self.streams, self.chunks)
+        t_host = time.perf_counter()
         self.t0.record(cuda.default_stream())  # blocking streams start after this
         k = 0
         for c, (lo, hi) in enumerate(self.bounds):
@@ -261,13 +336,9 @@ class Pipeline:
                 k += 1
                 tl.ops.append(Op(c, stage, s, lo, hi))   # the issue log, in issue order
                 before.record(stream)
-                if stage == "h2d":
-                    self.d_x[lo:hi].copy_to_device(h_x[lo:hi], stream=stream)
-                elif stage == "kernel":
-                    launch_work(self.d_x[lo:hi], self.d_y[lo:hi], iters, stream)
-                else:
-                    self.d_y[lo:hi].copy_to_host(h_y[lo:hi], stream=stream)
+                self._issue(c, stage, stream, h_x, h_y, iters)
                 after.record(stream)
+        tl.host_issue_ms = (time.perf_counter() - t_host) * 1e3
         for q in self.queues:
             q.synchronize()
         if not runtime.is_emulated():
@@ -278,14 +349,15 @@ class Pipeline:
         return tl
 
 
-def serial(h_x: np.ndarray, h_y: np.ndarray, iters: int, **kw) -> Timeline:
+def serial(h_x: np.ndarray, h_y: np.ndarray, iters: int, issue: str | None = None,
+           **kw) -> Timeline:
     """Whole array in, kernel, whole array out, on one stream: no overlap possible."""
     check_buffers(h_x, h_y, require_pinned=kw.get("require_pinned", True), who="serial")
-    return Pipeline(h_x.size, streams=1, chunks=1).run(h_x, h_y, iters, label="serial", **kw)
+    return Pipeline(h_x.size, 1, 1, issue).run(h_x, h_y, iters, label="serial", **kw)
 
 
 def pipelined(h_x: np.ndarray, h_y: np.ndarray, iters: int, streams: int = 4,
-              chunks: int = 16, **kw) -> Timeline:
+              chunks: int = 16, issue: str | None = None, **kw) -> Timeline:
     """The chunked pipeline over ``streams`` streams (a new Pipeline each call)."""
     check_buffers(h_x, h_y, require_pinned=kw.get("require_pinned", True), who="pipelined")
-    return Pipeline(h_x.size, streams, chunks).run(h_x, h_y, iters, **kw)
+    return Pipeline(h_x.size, streams, chunks, issue).run(h_x, h_y, iters, **kw)

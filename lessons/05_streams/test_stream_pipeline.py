@@ -174,6 +174,11 @@ def test_bad_buffers_and_counts_are_refused():
         sp.Pipeline(64, 2, 2).run(h_x, h_y, -1)
     with pytest.raises(ValueError, match="built for"):
         sp.Pipeline(32, 2, 2).run(h_x, h_y, 1)
+    with pytest.raises(ValueError, match="issue must be"):
+        sp.Pipeline(64, 2, 2, issue="fast")
+    if runtime.is_emulated():
+        with pytest.raises(ValueError, match="needs a GPU"):
+            sp.Pipeline(64, 2, 2, issue="driver")
 
 
 # --- real sizes on the GPU ------------------------------------------------------------------
@@ -186,6 +191,20 @@ def test_gpu_pinned_detection_and_pageable_refused():
     assert sp.is_pinned(pageable) is False
     with pytest.raises(ValueError, match="pageable"):
         sp.pipelined(pageable, h, 1)
+
+
+@pytest.mark.gpu
+def test_gpu_driver_and_numba_issue_paths_agree():
+    n = 2**20 + 3
+    h_x, h_y = _buffers(n, seed=6)
+    outs = []
+    for issue in ("numba", "driver"):
+        h_y[:] = np.nan
+        tl = sp.pipelined(h_x, h_y, 16, streams=3, chunks=7, issue=issue)
+        _assert_issue_log(tl, n, 3, 7)
+        outs.append(h_y.copy())
+    _assert_output(h_x, outs[1], 16)
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 @pytest.mark.gpu

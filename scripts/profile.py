@@ -26,15 +26,15 @@ from common.lessons import lesson_dir  # noqa: E402
 # Each lesson's main kernel: a regular expression on the kernel's name as ncu sees it
 # (Numba mangles names, Triton keeps the Python function name).
 MAIN_KERNEL = {
-    "01": "index",
-    "02": "add",
+    "01": "global_index_kernel",
+    "02": "add_kernel",
     "03": "matmul",
-    "04": "reduce",
-    "05": "kernel",
-    "06": "softmax",
-    "07": "flash",
-    "08": "attn_fwd",
-    "09": "mla",
+    "04": "interleaved_strided",
+    "05": "work_kernel",
+    "06": "softmax_rows_kernel",
+    "07": "flash_v1_kernel",
+    "08": "_attn_fwd_kernel",
+    "09": "_mla_decode_kernel",
 }
 SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "MemoryWorkloadAnalysis",
             "WarpStateStats"]

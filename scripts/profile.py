@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--skip", type=int, default=1,
                     help="launches of that kernel to skip first (JIT warm-up)")
     ap.add_argument("--output", help="also save the report (.ncu-rep) here")
+    ap.add_argument("main_args", nargs="*", help="passed to main.py (after --)")
     args = ap.parse_args()
     if not args.lesson:
         print("error: say which lesson: make profile LESSON=08", file=sys.stderr)
@@ -78,7 +79,7 @@ def main() -> int:
         cmd += ["--section", s]
     if args.output:
         cmd += ["--export", args.output, "--force-overwrite"]
-    cmd += [sys.executable, str(folder / "main.py")]
+    cmd += [sys.executable, str(folder / "main.py"), *args.main_args]
     print("$", " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=REPO)
 

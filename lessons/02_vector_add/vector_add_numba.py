@@ -34,6 +34,7 @@ from common import runtime  # noqa: F401  (selects GPU or simulator before numba
 
 import torch
 from numba import cuda, float32
+from common.numba_torch import kernel_array, torch_stream
 
 from vector_add_operands import check_operands
 
@@ -95,26 +96,9 @@ add_kernel_ilp = make_ilp_kernel(ELEMS_PER_THREAD)
 
 
 # --- wrappers -----------------------------------------------------------------------------
-_streams: dict[int, object] = {}
-
-
-def _stream():
-    """torch's current stream as a Numba stream (the simulator has only its own)."""
-    if runtime.is_emulated():
-        return 0
-    ptr = torch.cuda.current_stream().cuda_stream
-    if ptr not in _streams:
-        _streams[ptr] = cuda.external_stream(ptr)
-    return _streams[ptr]
-
-
 def _view(t: torch.Tensor):
     """A zero-copy Numba view of a contiguous tensor, flattened to 1-D."""
-    flat = t.detach().reshape(-1)
-    if runtime.is_emulated():
-        return flat.numpy()                     # shares memory with the tensor
-    # sync=False: do not synchronize torch's stream at every call (we launch on it anyway)
-    return cuda.as_cuda_array(flat, sync=False)
+    return kernel_array(t.reshape(-1))
 
 
 def _num_sms() -> int:
@@ -124,7 +108,7 @@ def _num_sms() -> int:
 
 
 def _launch(kernel, a, b, out, blocks):
-    kernel[blocks, THREADS_PER_BLOCK, _stream()](_view(a), _view(b), _view(out))
+    kernel[blocks, THREADS_PER_BLOCK, torch_stream()](_view(a), _view(b), _view(out))
 
 
 def add_one_per_thread(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None):

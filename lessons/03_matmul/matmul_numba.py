@@ -39,6 +39,7 @@ from common import runtime
 
 import torch
 from numba import cuda, float32, uint64
+from common.numba_torch import kernel_array, torch_stream
 
 from matmul_operands import check_matmul_operands, max_element_offset, output_for
 
@@ -261,24 +262,6 @@ def matmul_regblock_kernel(a, sa0, sa1, b, sb0, sb1, c, sc0, sc1, M, N, K):
 
 
 # --- wrappers ---------------------------------------------------------------------------------
-_streams: dict[int, object] = {}
-
-
-def _stream():
-    if runtime.is_emulated():
-        return 0
-    ptr = torch.cuda.current_stream().cuda_stream
-    if ptr not in _streams:
-        _streams[ptr] = cuda.external_stream(ptr)
-    return _streams[ptr]
-
-
-def _view(t: torch.Tensor):
-    """Zero-copy Numba view of a contiguous 1-D tensor."""
-    t = t.detach()
-    if runtime.is_emulated():
-        return t.numpy()
-    return cuda.as_cuda_array(t, sync=False)
 
 
 def _prepare(a, b, out, who):
@@ -297,10 +280,10 @@ def _storage_1d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(kernel, grid, block, a, b, c, M, N, K):
-    kernel[grid, block, _stream()](
-        _view(_storage_1d(a)), a.stride(0), a.stride(1),
-        _view(_storage_1d(b)), b.stride(0), b.stride(1),
-        _view(_storage_1d(c)), c.stride(0), c.stride(1), M, N, K)
+    kernel[grid, block, torch_stream()](
+        kernel_array(_storage_1d(a)), a.stride(0), a.stride(1),
+        kernel_array(_storage_1d(b)), b.stride(0), b.stride(1),
+        kernel_array(_storage_1d(c)), c.stride(0), c.stride(1), M, N, K)
 
 
 def matmul_naive(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,6 +50,7 @@ from common import runtime, warp_sim  # runtime first: it picks GPU or simulator
 
 import torch
 from numba import cuda, float32
+from common.numba_torch import kernel_array, torch_stream
 
 warp_sim.install()  # under emulation: shfl_down_sync & co. for the simulator (no-op on GPU)
 
@@ -400,25 +401,9 @@ def passes(rung: str, n: int, block: int = BLOCK, blocks_per_sm: int = BLOCKS_PE
 
 
 # --- the wrapper --------------------------------------------------------------------------
-_streams: dict[int, object] = {}
-
-
-def _stream():
-    """torch's current stream as a Numba stream, so Numba and torch work stay ordered."""
-    if runtime.is_emulated():
-        return 0
-    ptr = torch.cuda.current_stream().cuda_stream
-    if ptr not in _streams:
-        _streams[ptr] = cuda.external_stream(ptr)
-    return _streams[ptr]
-
-
 def _view(t: torch.Tensor):
     """A zero-copy Numba view of a contiguous tensor (1-D)."""
-    flat = t.detach().reshape(-1)
-    if runtime.is_emulated():
-        return flat.numpy()
-    return cuda.as_cuda_array(flat, sync=False)
+    return kernel_array(t.reshape(-1))
 
 
 def check_input(x, who: str = "reduce") -> None:
@@ -486,7 +471,7 @@ class ReductionPlan:
                 break
 
     def __call__(self) -> torch.Tensor:
-        stream = _stream()
+        stream = torch_stream()
         if self.atomic and self.launches:
             self.out.fill_(self.identity)  # atomics add into it: start from the identity
         for grid, src, dst, n_in in self.launches:

@@ -34,6 +34,7 @@ import torch
 
 from common import runtime  # noqa: F401  (selects GPU or simulator before numba loads)
 from numba import cuda, float32, uint32
+from common.numba_torch import kernel_array
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
@@ -250,16 +251,6 @@ def pv_kernel(p, v, o):
 # ----------------------------------------------------------------------------------------
 # Host side: validation, allocation, launches
 
-def _as_kernel_array(t: torch.Tensor):
-    """A torch tensor as something a Numba kernel takes, without a copy.
-
-    GPU: a device-array view through ``__cuda_array_interface__`` (``sync=False``: torch
-    and Numba both launch on the legacy default stream, so launches stay ordered and no
-    host synchronization is needed). Simulator: the NumPy view of the CPU tensor.
-    """
-    if runtime.is_gpu():
-        return cuda.as_cuda_array(t, sync=False)
-    return t.numpy()
 
 
 def check_inputs(q, k, v, softmax_scale):
@@ -304,7 +295,7 @@ def scores(q, k, softmax_scale: float, causal: bool = False, s=None):
         s = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.float32, device=q.device)
     grid = (math.ceil(seqlen_k / TILE), math.ceil(seqlen_q / TILE), batch * heads)
     qk_scores_kernel[grid, (THREADS, THREADS)](
-        _as_kernel_array(q), _as_kernel_array(k), _as_kernel_array(s),
+        kernel_array(q), kernel_array(k), kernel_array(s),
         np.float32(softmax_scale), bool(causal))
     return s
 
@@ -317,7 +308,7 @@ def softmax_rows(s, p=None, lse=None):
     if lse is None:
         lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=s.device)
     softmax_rows_kernel[(seqlen_q, heads, batch), SOFTMAX_THREADS](
-        _as_kernel_array(s), _as_kernel_array(p), _as_kernel_array(lse))
+        kernel_array(s), kernel_array(p), kernel_array(lse))
     return p, lse
 
 
@@ -326,7 +317,7 @@ def pv(p, v, out):
     batch, seqlen_q, heads, d = out.shape
     grid = (math.ceil(d / TILE), math.ceil(seqlen_q / TILE), batch * heads)
     pv_kernel[grid, (THREADS, THREADS)](
-        _as_kernel_array(p), _as_kernel_array(v), _as_kernel_array(out))
+        kernel_array(p), kernel_array(v), kernel_array(out))
     return out
 
 

@@ -48,6 +48,7 @@ import torch
 
 from common import runtime
 from numba import cuda, float32, uint32
+from common.numba_torch import kernel_array
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
@@ -344,12 +345,6 @@ def finalize_kernel(l_flat, m_flat, lse_flat, o_acc_flat, out_flat, cast_out):
 # ----------------------------------------------------------------------------------------
 # Host side
 
-def _as_kernel_array(t: torch.Tensor):
-    """GPU: a zero-copy Numba view (sync=False: torch and Numba share the legacy default
-    stream); simulator: the NumPy view of the CPU tensor."""
-    if runtime.is_gpu():
-        return cuda.as_cuda_array(t, sync=False)
-    return t.numpy()
 
 
 def check_inputs(q, k, v, softmax_scale, q_tiles_per_block):
@@ -429,14 +424,14 @@ def flash_attn_v1(q, k, v, softmax_scale: float | None = None, causal: bool = Fa
     g = n_q_tiles if q_tiles_per_block is None else min(q_tiles_per_block, n_q_tiles)
 
     elementwise_grid = (min(4096, math.ceil(o_acc.numel() / 256)), 1)
-    init_kernel[elementwise_grid[0], 256](_as_kernel_array(o_acc.view(-1)),
-                                          _as_kernel_array(l.view(-1)), _as_kernel_array(m.view(-1)))
+    init_kernel[elementwise_grid[0], 256](kernel_array(o_acc.view(-1)),
+                                          kernel_array(l.view(-1)), kernel_array(m.view(-1)))
     kernel[(math.ceil(n_q_tiles / g), batch * heads), (cfg.threads_n, cfg.threads_m)](
-        _as_kernel_array(q), _as_kernel_array(k), _as_kernel_array(v), _as_kernel_array(o_acc),
-        _as_kernel_array(l), _as_kernel_array(m), np.float32(scale), bool(causal), g)
+        kernel_array(q), kernel_array(k), kernel_array(v), kernel_array(o_acc),
+        kernel_array(l), kernel_array(m), np.float32(scale), bool(causal), g)
     finalize_kernel[elementwise_grid[0], 256](
-        _as_kernel_array(l.view(-1)), _as_kernel_array(m.view(-1)), _as_kernel_array(lse.view(-1)),
-        _as_kernel_array(o_acc.view(-1)), _as_kernel_array(out.view(-1)), o_acc is not out)
+        kernel_array(l.view(-1)), kernel_array(m.view(-1)), kernel_array(lse.view(-1)),
+        kernel_array(o_acc.view(-1)), kernel_array(out.view(-1)), o_acc is not out)
     return out, lse
 
 

@@ -60,7 +60,7 @@ def test_softmax_scale_argument():
 
 
 def test_empty_inputs_launch_nothing(monkeypatch):
-    monkeypatch.setattr(fv, "_as_kernel_array", lambda t: pytest.fail("a kernel was launched"))
+    monkeypatch.setattr(fv, "kernel_array", lambda t: pytest.fail("a kernel was launched"))
     q, k, v = _qkv(2, 0, 5, 1, 64, torch.float16)
     o, lse = fv.flash_attn_v1(q, k, v)
     assert o.shape == (2, 0, 1, 64) and lse.shape == (2, 1, 0)
@@ -94,7 +94,7 @@ def _bad_inputs():
 
 @pytest.mark.parametrize("i", range(13))
 def test_bad_input_rejected_before_launch(i, monkeypatch):
-    monkeypatch.setattr(fv, "_as_kernel_array", lambda t: pytest.fail("a kernel was launched"))
+    monkeypatch.setattr(fv, "kernel_array", lambda t: pytest.fail("a kernel was launched"))
     kwargs, exc, msg = _bad_inputs()[i]
     with pytest.raises(exc, match=msg):
         fv.flash_attn_v1(**kwargs)

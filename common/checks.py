@@ -135,3 +135,33 @@ def assert_error_within(actual, baseline, reference, *, factor: float = 2.0,
     if not err <= factor * base + slack:
         raise AssertionError(f"{name}: max abs error {err:.3g} exceeds {factor:g} x "
                              f"PyTorch-in-same-precision error {base:.3g} + {slack:g}")
+
+
+def check_same_dtype_device(who: str, tensors: dict, dtypes, why_not: dict | None = None):
+    """Input validation the kernels' wrappers share, before any launch.
+
+    ``tensors`` maps argument names to torch tensors that must share one dtype (one of
+    ``dtypes``; ``why_not`` may explain an unsupported one) and one device, the device
+    the active runtime launches on (``cuda`` on a GPU, ``cpu`` under emulation).
+    Raises TypeError/ValueError with one sentence naming the problem.
+    """
+    from common import runtime
+
+    (n0, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{who}: dtypes differ: {n0} {t0.dtype} vs {name} {t.dtype}; "
+                            "cast one of them")
+        if t.device != t0.device:
+            raise ValueError(f"{who}: devices differ: {n0} on {t0.device}, {name} on {t.device}")
+    if t0.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        reason = (why_not or {}).get(t0.dtype, "")
+        raise TypeError(f"{who}: dtype {str(t0.dtype).replace('torch.', '')} is not supported "
+                        f"(supported: {names}){': ' + reason if reason else ''}")
+    want = runtime.torch_device()
+    if t0.device.type != want:
+        where = ("this machine runs the kernels on the GPU" if want == "cuda" else
+                 "under emulation the kernels run on the CPU")
+        raise ValueError(f"{who}: the inputs are on {t0.device}, but {where}: move them with "
+                         f".to('{want}')")

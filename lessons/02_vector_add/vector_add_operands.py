@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from common import runtime
+from common.checks import check_same_dtype_device
 
 
 def check_operands(a, b, out, *, dtypes: tuple, who: str, why_not: dict | None = None):
@@ -36,21 +36,7 @@ def check_operands(a, b, out, *, dtypes: tuple, who: str, why_not: dict | None =
                              "can be addressed by these kernels")
     if a.shape != b.shape:
         raise ValueError(f"{who}: shapes differ: a {tuple(a.shape)} vs b {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{who}: dtypes differ: a {a.dtype} vs b {b.dtype}; cast one of them")
-    if a.device != b.device:
-        raise ValueError(f"{who}: devices differ: a on {a.device}, b on {b.device}")
-    if a.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        reason = (why_not or {}).get(a.dtype, "")
-        raise TypeError(f"{who}: dtype {str(a.dtype).replace('torch.', '')} is not supported "
-                        f"(supported: {names}){': ' + reason if reason else ''}")
-    want = runtime.torch_device()
-    if a.device.type != want:
-        where = ("this machine runs the kernels on the GPU" if want == "cuda" else
-                 "under emulation the kernels run on the CPU")
-        raise ValueError(f"{who}: the inputs are on {a.device}, but {where}: move them with "
-                         f".to('{want}')")
+    check_same_dtype_device(who, {"a": a, "b": b}, dtypes, why_not)
     for name, x in (("a", a), ("b", b)):
         if not x.is_contiguous():
             raise ValueError(f"{who}: {name} is not contiguous (strides {tuple(x.stride())}); "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common import runtime
+from common.checks import check_same_dtype_device
 
 
 def check_matmul_operands(a, b, *, dtypes: tuple, who: str, why_not: dict | None = None):
@@ -31,21 +31,7 @@ def check_matmul_operands(a, b, *, dtypes: tuple, who: str, why_not: dict | None
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"{who}: inner dimensions differ: a is {tuple(a.shape)}, b is "
                          f"{tuple(b.shape)} (a.shape[1] must equal b.shape[0])")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{who}: dtypes differ: a {a.dtype} vs b {b.dtype}; cast one of them")
-    if a.device != b.device:
-        raise ValueError(f"{who}: devices differ: a on {a.device}, b on {b.device}")
-    if a.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        reason = (why_not or {}).get(a.dtype, "")
-        raise TypeError(f"{who}: dtype {str(a.dtype).replace('torch.', '')} is not supported "
-                        f"(supported: {names}){': ' + reason if reason else ''}")
-    want = runtime.torch_device()
-    if a.device.type != want:
-        where = ("this machine runs the kernels on the GPU" if want == "cuda" else
-                 "under emulation the kernels run on the CPU")
-        raise ValueError(f"{who}: the inputs are on {a.device}, but {where}: move them with "
-                         f".to('{want}')")
+    check_same_dtype_device(who, {"a": a, "b": b}, dtypes, why_not)
     M, K = a.shape
     N = b.shape[1]
     return M, N, K

@@ -1,0 +1,78 @@
+"""The tools under scripts/: doctor's known-bad combinations, the GPU-only tools under
+emulation, and the README blocks generated from result files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import doctor  # noqa: E402
+import update_readmes  # noqa: E402
+
+
+def _script(*args):
+    env = {**os.environ, "COURSE_MODE": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_doctor_flags_the_known_bad_combinations():
+    bad = doctor.known_problems({"numpy": "2.5.2", "numba-cuda": "0.30.4", "triton": "3.6.0"},
+                                emulated=True)
+    assert len(bad) == 2 and "row_stack" in bad[0] and "interpreter" in bad[1]
+    assert doctor.known_problems({"numpy": "2.3.5", "numba-cuda": "0.30.4",
+                                  "triton": "3.6.0"}, emulated=True) == []
+    # the interpreter problem does not concern a GPU run
+    assert len(doctor.known_problems({"numpy": "2.5.2", "numba-cuda": "0.30.4",
+                                      "triton": "3.6.0"}, emulated=False)) == 1
+
+
+@pytest.mark.skipif(runtime.is_gpu(), reason="checks the no-GPU answer")
+@pytest.mark.parametrize("script,args", [("bench_all.py", []), ("profile.py", ["--lesson", "08"]),
+                                         ("sanitize.py", ["--lesson", "04"])])
+def test_gpu_tools_say_why_and_exit_cleanly_without_a_gpu(script, args):
+    r = _script(f"scripts/{script}", *args)
+    assert r.returncode == 0, r.stderr
+    assert "needs a GPU" in r.stdout
+
+
+def test_gpu_tools_reject_an_unknown_lesson():
+    for script in ("profile.py", "sanitize.py"):
+        r = _script(f"scripts/{script}", "--lesson", "42")
+        assert r.returncode == 2 and "there is no lesson '42'" in r.stderr
+
+
+def test_readme_blocks_and_summary_come_from_the_json(tmp_path, monkeypatch):
+    lesson = tmp_path / "lessons" / "04_reduction"
+    (lesson / "results").mkdir(parents=True)
+    (lesson / "main.py").write_text("")
+    row = lambda impl, v, peer=False: {"case": {"op": "sum", "n": 268435456}, "impl": impl,  # noqa: E731
+                                       "peer": peer, "ms": 1.0, "timing": None, "value": v}
+    data = {"lesson": "04_reduction", "name": "reduction_bandwidth", "title": "t",
+            "metric": "GB/s", "ceilings": {"copy_gbps": 3000.0},
+            "environment": {"date": "2026-11-25 12:00 UTC", "gpu": "NVIDIA H100 80GB HBM3",
+                            "packages": {"torch": "2.11.0"}},
+            "rows": [row("7 grid-stride", 2900.0), row("1 divergent", 530.0),
+                     row("torch.sum", 2969.0, peer=True)]}
+    (lesson / "results" / "reduction_bandwidth-h100-80gb-hbm3.json").write_text(json.dumps(data))
+    readme = lesson / "README.md"
+    readme.write_text("x\n<!-- results:reduction_bandwidth -->\nstale\n"
+                      "<!-- /results:reduction_bandwidth -->\ny\n")
+    assert update_readmes.render(readme)
+    text = readme.read_text()
+    assert "stale" not in text and "| sum | 268435456 | 2,900.0 | 530.0 | 2,969.0 |" in text
+    top = tmp_path / "README.md"
+    top.write_text("<!-- results-summary -->\n<!-- /results-summary -->\n")
+    monkeypatch.setattr(update_readmes, "all_lessons", lambda: [lesson])
+    assert update_readmes.render_summary(top)
+    summary = top.read_text()
+    assert "2,900.0 GB/s (7 grid-stride)" in summary and "0.98x" in summary
+    assert "97% of copy bandwidth" in summary

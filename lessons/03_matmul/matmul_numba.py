@@ -44,47 +44,8 @@ from common.numba_torch import kernel_array, torch_stream
 from matmul_operands import check_matmul_operands, max_element_offset, output_for
 
 
-
-def _simulator_shared_array_lock():
-    """Fix a race in numba-cuda 0.30's simulator (emulation only).
-
-    ``cuda.shared.array`` in the simulator creates a block's array the first time a
-    thread reaches that line: ``get`` from a dict, ``np.empty`` if missing, store - without
-    a lock. Two threads that interleave there get *different* arrays, and one of them
-    then reads and writes a private copy nobody else sees: a tiled matmul came back
-    with wrong rows about once in ten runs here (threads switch every 0.1 ms,
-    common.runtime). The same logic, under a lock, keyed like the original by the
-    caller's file and line."""
-    import sys
-    import threading
-
-    from numba.cuda.simulator import kernelapi
-
-    cls = kernelapi.FakeCUDAShared
-    if getattr(cls, "_creation_locked", False):
-        return
-    original = cls.array
-    lock = threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory / the error
-            return original(self, shape, dtype, alignment)
-        caller = sys._getframe(1)
-        key = (caller.f_code.co_filename, caller.f_lineno)
-        with lock:
-            res = self._allocations.get(key)
-            if res is None:
-                if isinstance(dtype, kernelapi.types.Type):
-                    dtype = kernelapi.numpy_support.as_dtype(dtype)
-                res = self._allocations[key] = kernelapi.np.empty(shape, dtype)
-        return res
-
-    cls.array = array
-    cls._creation_locked = True
-
-
-if runtime.is_emulated():
-    _simulator_shared_array_lock()
+# Under emulation, common.runtime makes the simulator's cuda.shared.array thread-safe:
+# without that, two threads could get different "shared" tiles (a wrong row now and then).
 
 DTYPES = (torch.float32,)
 WHY_NOT = {torch.float16: "these Numba kernels are the FP32 rungs; use matmul_triton for "

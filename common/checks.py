@@ -165,3 +165,44 @@ def check_same_dtype_device(who: str, tensors: dict, dtypes, why_not: dict | Non
                  "under emulation the kernels run on the CPU")
         raise ValueError(f"{who}: the inputs are on {t0.device}, but {where}: move them with "
                          f".to('{want}')")
+
+
+def check_attention_inputs(q, k, v, softmax_scale, *, dtypes, head_dims) -> float:
+    """Validate (batch, seqlen, heads, headdim) q, k, v for the Numba attention kernels
+    (same heads for q and k/v), before any launch; return the softmax scale as a float."""
+    import math
+
+    import torch
+
+    from common import runtime
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, headdim), "
+                             f"got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"dtype {q.dtype} is not supported ({names})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    want = runtime.torch_device()
+    if q.device.type != want:
+        raise ValueError(f"tensors are on {q.device} but the kernels run on "
+                         f"{'the GPU' if want == 'cuda' else 'the CPU simulator'}: "
+                         f"move them to '{want}'")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, "
+                         "heads and headdim")
+    if q.shape[3] not in head_dims:
+        raise ValueError(f"head dim {q.shape[3]} is not supported (one of {head_dims})")
+    scale = q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return scale

@@ -34,6 +34,7 @@ import torch
 
 from common import runtime  # noqa: F401  (selects GPU or simulator before numba loads)
 from numba import cuda, float32, uint32
+from common.checks import check_attention_inputs
 from common.numba_torch import kernel_array
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -255,35 +256,10 @@ def pv_kernel(p, v, o):
 
 def check_inputs(q, k, v, softmax_scale):
     """Validate before any launch; return (softmax_scale as float)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, headdim), "
-                             f"got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype {q.dtype} is not supported (float32 or float16)")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    want = runtime.torch_device()
-    if q.device.type != want:
-        raise ValueError(f"tensors are on {q.device} but the kernels run on "
-                         f"{'the GPU' if want == 'cuda' else 'the CPU simulator'}: "
-                         f"move them to '{want}'")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, "
-                         "heads and headdim")
-    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {q.shape[3]} is not supported (one of {SUPPORTED_HEAD_DIMS})")
+    scale = check_attention_inputs(q, k, v, softmax_scale, dtypes=SUPPORTED_DTYPES,
+                                   head_dims=SUPPORTED_HEAD_DIMS)
     if q.shape[0] * q.shape[2] > 65535:
         raise ValueError("batch * heads must be <= 65535 (the grid's z dimension)")
-    scale = q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return scale
 
 

@@ -11,13 +11,17 @@ of DeepSeek's FlashMLA:
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
                                       tile_scheduler_metadata, num_splits, causal=...)
 
-Three kernels, in the order they run:
+A plan and two kernels, in the order they run:
 
-1. ``_mla_plan_kernel`` (one program): cuts the batch's key blocks into ``num_sm_parts``
-   equal pieces of work, so that one long and many short sequences finish together.
-   A piece may end in the middle of a sequence: that sequence is then *split*.
-2. ``_mla_decode_kernel``: program (m_block, kv head, part) walks the blocks of its part,
-   page by page. Its BLOCK_M query rows are (seqlen_q x heads of one kv head) folded
+1. ``get_mla_metadata`` plans the work (a few small tensor ops on the device, no host
+   sync): every sequence is cut into equal splits of at most ``chunk`` key blocks, with
+   ``chunk`` = the batch's work / the programs that fit on the GPU at once, and the
+   splits are listed largest first. The hardware starts programs in that order, so the
+   long pieces start early and the short ones fill the gaps at the end: one long and
+   many short sequences finish together. (FlashMLA's own plan, equal *shares* that may
+   end inside a sequence, is ``plan="shares"``: ``_mla_shares_kernel``.)
+2. ``_mla_decode_kernel``: program (m_block, kv head, row of the plan) walks the key
+   blocks of its split, page by page. Its BLOCK_M query rows are (seqlen_q x heads of one kv head) folded
    together, so one 64 x 576 tile of the cache, loaded once from HBM, serves every head:
    that is what makes MLA decoding cheap. The first dot uses all 576 channels, the second
    reuses the first 512 of the same tile as V. A sequence with one split writes its
@@ -47,7 +51,7 @@ HEAD_DIM_K = 576          # 512 latent + 64 RoPE key
 HEAD_DIM_V = 512          # V = the latent = the first 512 channels of K
 HEAD_DIM_ROPE = HEAD_DIM_K - HEAD_DIM_V
 FIXED_OVERHEAD_NUM_BLOCKS = 5     # a sequence's fixed cost in the plan, in blocks (FlashMLA's)
-TILE_SCHEDULER_METADATA_SIZE = 8  # int32 per split: sequence, first key, end key, 5 unused
+TILE_SCHEDULER_METADATA_SIZE = 8  # int32 per split: sequence, first key, end key, slot, 4 unused
 EMULATED_SM_COUNT = 8     # "SMs" under the interpreter: small, so plans still split
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
@@ -83,12 +87,60 @@ def default_config(rows: int) -> MLAConfig:
 
 
 # ----------------------------------------------------------------------------------------
-# 1. The plan: cut the batch's keys into splits, num_sm_parts equal shares of work.
+# 1. The plan: which program attends to which keys of which sequence.
+#
+# Each row of the metadata is one split, i.e. one program of the decode kernel:
+# [sequence, first key, end key, slot, 0, 0, 0, 0]. `slot` is where the split's partial
+# output goes; the splits of sequence b own slots num_splits[b] .. num_splits[b+1] - 1
+# (FlashMLA's cumulative count), so the combine kernel finds them without the plan.
+# The row order is free, and it is the order in which the hardware starts programs.
+
+def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, meta, num_splits):
+    """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
+
+    chunk = (the batch's key blocks + a fixed cost per sequence) / num_parts: what one
+    of the num_parts programs that run at once would get in a perfect balance. A
+    sequence of `blocks` key blocks becomes ceil(blocks / chunk) splits of equal size
+    (within one block), so at most batch + num_parts splits in all. Sorted by size,
+    largest first, the long pieces start in the first wave and the short ones fill the
+    SMs that free up first. Where every sequence fits in one chunk (fixed lengths up to
+    the balance point) nothing is split and the combine kernel has nothing to do.
+    Tensor ops only: the plan stays on the device, no host sync.
+    """
+    batch = cache_seqlens.shape[0]
+    dev = cache_seqlens.device
+    lens = cache_seqlens.long()
+    blocks = (lens + PAGE_SIZE - 1) // PAGE_SIZE
+    work = (blocks + FIXED_OVERHEAD_NUM_BLOCKS).sum()
+    chunk = torch.clamp((work + num_parts - 1) // num_parts, min=1)
+    n_split = torch.clamp((blocks + chunk - 1) // chunk, min=1)    # an empty sequence: 1
+    num_splits[1:] = torch.cumsum(n_split, 0)
+
+    # Launch order: sequences by the size of their splits, largest first (stable, so
+    # equal sizes keep the batch order); all splits of a sequence are adjacent rows.
+    size = (blocks + n_split - 1) // n_split
+    order = torch.sort(size, descending=True, stable=True).indices
+    rows_end = torch.cumsum(n_split[order], 0)        # rows used by the first k of `order`
+    row = torch.arange(meta.shape[0], device=dev)
+    k = torch.searchsorted(rows_end, row, right=True)  # row -> position in `order`
+    used = k < batch
+    k = k.clamp(max=batch - 1)
+    b = order[k]
+    j = row - (rows_end[k] - n_split[b])               # which split of sequence b
+    first = j * blocks[b] // n_split[b] * PAGE_SIZE
+    end = torch.minimum((j + 1) * blocks[b] // n_split[b] * PAGE_SIZE, lens[b])
+    slot = num_splits[b].long() + j
+    none = torch.full_like(row, -1)
+    meta[:, :4] = torch.stack([torch.where(used, x, none) for x in (b, first, end, slot)],
+                              1).to(torch.int32)
+
 
 @triton.jit
-def _mla_plan_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
-                     BLOCK_N: tl.constexpr, OVERHEAD: tl.constexpr, BLOCK_B: tl.constexpr,
-                     META: tl.constexpr):
+def _mla_shares_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
+                       BLOCK_N: tl.constexpr, OVERHEAD: tl.constexpr, BLOCK_B: tl.constexpr,
+                       META: tl.constexpr):
+    """FlashMLA's plan (``plan="shares"``), kept to compare: num_parts equal shares of
+    work in batch order; a share that ends inside a sequence splits it."""
     # Total work in blocks of BLOCK_N keys, plus a fixed overhead per sequence (loading
     # its queries, writing its output) so that empty sequences still cost something.
     total = 0
@@ -100,9 +152,7 @@ def _mla_plan_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
 
     # Walk the sequences once, handing each part `payload` blocks. A part that cannot
     # take all of a sequence's remaining blocks takes what fits, and the sequence gets
-    # one more split. Each split becomes one row of the metadata, in sequence order, so
-    # split w of the batch is row w: [sequence, first key, end key]. (One program,
-    # scalar code: it runs once per decoding step, shared by all layers.)
+    # one more split. Rows are in sequence order, so a split's slot is its row.
     now_idx = batch * 0          # the sequence being handed out (int32 scalars)
     now_block = batch * 0        # its first block not yet handed out
     now_split = batch * 0        # how many of its splits were handed out already
@@ -114,11 +164,13 @@ def _mla_plan_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
         while go:
             seqlen = tl.load(seqlens_ptr + now_idx)
             rest = (seqlen + BLOCK_N - 1) // BLOCK_N - now_block
-            row = meta_ptr + (cum_splits + now_split) * META
+            slot = cum_splits + now_split
+            row = meta_ptr + slot * META
             if remain >= rest + OVERHEAD:        # the rest of this sequence fits
                 tl.store(row + 0, now_idx)
                 tl.store(row + 1, now_block * BLOCK_N)
                 tl.store(row + 2, seqlen)
+                tl.store(row + 3, slot)
                 cum_splits += now_split + 1
                 tl.store(num_splits_ptr + now_idx + 1, cum_splits)
                 remain -= rest + OVERHEAD
@@ -131,6 +183,7 @@ def _mla_plan_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
                     tl.store(row + 0, now_idx)
                     tl.store(row + 1, now_block * BLOCK_N)
                     tl.store(row + 2, (now_block + remain - OVERHEAD) * BLOCK_N)
+                    tl.store(row + 3, slot)
                     now_block += remain - OVERHEAD
                     now_split += 1
                     remain = remain * 0
@@ -143,23 +196,28 @@ def _num_sm(device: torch.device) -> int:
     return EMULATED_SM_COUNT
 
 
+PLANS = ("equal", "shares")
+
+
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
-                     num_heads_k: int, *, num_sm_parts: int | None = None):
+                     num_heads_k: int, *, num_sm_parts: int | None = None,
+                     plan: str = "equal"):
     """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
-    (the folded query rows of one kv head). The keys of the batch, plus a fixed cost per
-    sequence, are cut into num_sm_parts equal shares, num_sm_parts = SMs / heads_k /
-    m blocks, so that the (m blocks, heads_k, splits) programs fill the GPU about once
-    whatever the lengths; a share that ends inside a sequence splits it.
+    (the folded query rows of one kv head). num_sm_parts is how many programs of one
+    (m block, kv head) pair fit on the GPU at once: SMs x programs per SM / heads_k /
+    m blocks. ``plan="equal"`` (default) cuts each sequence into equal splits of about
+    1 / num_sm_parts of the work, listed largest first; ``plan="shares"`` is FlashMLA's
+    plan, num_sm_parts equal shares in batch order (see the README for both measured).
 
-    num_splits: int32 (batch + 1,), cumulative: sequence b owns splits num_splits[b] to
+    num_splits: int32 (batch + 1,), cumulative: sequence b owns slots num_splits[b] to
     num_splits[b + 1] - 1 (FlashMLA's convention). tile_scheduler_metadata: int32
-    (batch + num_sm_parts, 8), one row per split, [sequence, first key, end key, 0, ...];
-    rows past the last split hold -1 (each share splits at most one sequence, so there
-    are at most batch + num_sm_parts splits). FlashMLA's rows describe shares and its
-    programs loop over them; ours give each split its own program, because a loop over
-    sequences around the key loop made Triton spill registers (see the README).
+    (batch + num_sm_parts, 8), one row per split in launch order, [sequence, first key,
+    end key, slot, 0, ...]; rows past the last split hold -1 (either plan makes at most
+    batch + num_sm_parts splits). FlashMLA's rows describe shares and its programs loop
+    over them; ours give each split its own program, because a loop over sequences
+    around the key loop made Triton spill registers (see the README).
     ``num_sm_parts`` overrides the count (tests use it to force many splits).
     """
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:
@@ -168,6 +226,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
         raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if num_heads_per_head_k < 1 or num_heads_k < 1:
         raise ValueError("num_heads_per_head_k and num_heads_k must be positive")
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     batch = cache_seqlens.shape[0]
     if num_sm_parts is None:
         cfg = default_config(num_heads_per_head_k)
@@ -177,13 +237,15 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     dev = cache_seqlens.device
     meta = torch.full((batch + num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), -1,
                       dtype=torch.int32, device=dev)
-    meta[:, 3:] = 0
+    meta[:, 4:] = 0
     num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
-    if batch > 0:
-        _mla_plan_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
-                               num_sm_parts, BLOCK_N=PAGE_SIZE,
-                               OVERHEAD=FIXED_OVERHEAD_NUM_BLOCKS, BLOCK_B=256,
-                               META=TILE_SCHEDULER_METADATA_SIZE, num_warps=1)
+    if batch > 0 and plan == "equal":
+        _plan_equal_splits(cache_seqlens, num_sm_parts, meta, num_splits)
+    elif batch > 0:
+        _mla_shares_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
+                                 num_sm_parts, BLOCK_N=PAGE_SIZE,
+                                 OVERHEAD=FIXED_OVERHEAD_NUM_BLOCKS, BLOCK_B=256,
+                                 META=TILE_SCHEDULER_METADATA_SIZE, num_warps=1)
     return meta, num_splits
 
 
@@ -252,7 +314,7 @@ def _mla_decode_kernel(
     NUM_DV: tl.constexpr = D_LATENT // BLOCK_DV
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
-    split = tl.program_id(2)        # one program per split of the plan (and m/dv block)
+    split = tl.program_id(2)        # one program per row of the plan (and m/dv block)
     m_block = pid_m // NUM_DV
     dv_block = pid_m % NUM_DV
 
@@ -306,16 +368,16 @@ def _mla_decode_kernel(
                 tl.store(lse_ptr + b64 * stride_lb + head * stride_lh + s_idx,
                          tl.where(empty, float("inf"), lse), mask=row_ok)
         else:                                   # one split: fp32 partial + its lse
-            split64 = tl.full([], 0, tl.int64) + split
-            acc_rows = o_acc_ptr + split64 * stride_as + hk * stride_ah + offs_m * D_LATENT
+            slot = tl.full([], 0, tl.int64) + tl.load(meta_ptr + split * META + 3)
+            acc_rows = o_acc_ptr + slot * stride_as + hk * stride_ah + offs_m * D_LATENT
             tl.store(acc_rows[:, None] + offs_v[None, :], o, mask=row_ok[:, None])
             if dv_block == 0:
-                tl.store(lse_acc_ptr + (split64 * tl.num_programs(1) + hk) * rows + offs_m,
+                tl.store(lse_acc_ptr + (slot * tl.num_programs(1) + hk) * rows + offs_m,
                          tl.where(empty, float("-inf"), lse), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Combine the splits of each split sequence.
+# 3. Combine the splits of each split sequence (slots num_splits[b] .. num_splits[b+1]-1).
 
 @triton.jit
 def _mla_combine_kernel(o_acc_ptr, lse_acc_ptr, num_splits_ptr, out_ptr, lse_ptr,

@@ -269,6 +269,15 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
                                                  causal)
                     out, _ = ours()
                     t_ours = bench(ours)
+                    # the same kernel under FlashMLA's plan (equal shares in batch order)
+                    meta_sh, ns_sh = get_mla_metadata(cache_seqlens, sq * hq, 1, plan="shares")
+
+                    def shares():
+                        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+                                                      HEAD_DIM_V, meta_sh, ns_sh,
+                                                      causal=causal, check_lengths=False)
+                    assert_close(shares()[0], out, dtype=dtype, name="shares plan")
+                    t_shares = bench(shares)
                     try:
                         if hq == heads[0]:  # the peer computes the same thing (once per cache)
                             assert_close(peer(), out, dtype=dtype, name="torch peer")
@@ -287,6 +296,8 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
                         amount = nbytes if conv is gbps else flops
                         rep.add(case, "triton (ours)", t_ours, conv(amount, t_ours.median_ms),
                                 **extra)
+                        rep.add(case, "ours, FlashMLA's shares plan", t_shares,
+                                conv(amount, t_shares.median_ms), splits=int(ns_sh[-1]))
                         rep.add(case, "torch gather+SDPA", t_peer,
                                 None if t_peer is None else conv(amount, t_peer.median_ms),
                                 peer=True)
@@ -297,7 +308,8 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
                     console.print(f"mean {mean:5d} {'var' if varlen else 'fix'} h_q {hq:3d} "
                                   f"s_q {sq}: ours {t_ours.median_ms * 1e3:8.1f} us "
                                   f"{gbps(nbytes, t_ours.median_ms):6.0f} GB/s "
-                                  f"{tflops(flops, t_ours.median_ms):5.0f} TFLOPS | torch "
+                                  f"{tflops(flops, t_ours.median_ms):5.0f} TFLOPS | shares "
+                                  f"{gbps(nbytes, t_shares.median_ms):6.0f} GB/s | torch "
                                   + ("OOM" if t_peer is None else
                                      f"{t_peer.median_ms * 1e3:8.1f} us "
                                      f"{gbps(nbytes, t_peer.median_ms):6.0f} GB/s"))

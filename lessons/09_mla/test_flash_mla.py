@@ -66,11 +66,11 @@ def make_problem(lens, seqlen_q, heads_q, heads_k, dtype, seed, spare_pages=3, s
 
 
 def run_and_check(lens, seqlen_q, heads_q, heads_k, causal, dtype, seed, num_sm_parts=None,
-                  softmax_scale=None, config=None):
+                  softmax_scale=None, config=None, plan="equal"):
     q, k_cache, block_table, cache_seqlens = make_problem(lens, seqlen_q, heads_q, heads_k,
                                                           dtype, seed)
     meta, num_splits = get_mla_metadata(cache_seqlens, seqlen_q * heads_q // heads_k,
-                                        heads_k, num_sm_parts=num_sm_parts)
+                                        heads_k, num_sm_parts=num_sm_parts, plan=plan)
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
                                       meta, num_splits, softmax_scale=softmax_scale,
                                       causal=causal, config=config)
@@ -121,11 +121,14 @@ def test_empty_rows_are_zero_with_inf_lse():
     assert torch.isfinite(lse[1, :, 2:]).all() and (out[1, 2:] != 0).any()
 
 
-def test_custom_scale_and_many_splits():
-    """Every sequence cut into several splits, merged by the combine kernel."""
-    _, _, num_splits = run_and_check([300, 129, 250], 1, 16, 1, False, torch.bfloat16, seed=9,
-                                     num_sm_parts=7, softmax_scale=0.05)
-    assert (num_splits[1:] - num_splits[:-1]).max() >= 2
+@pytest.mark.parametrize("plan", flash_mla.PLANS)
+def test_custom_scale_and_many_splits(plan):
+    """Every sequence cut into several splits, merged by the combine kernel; both plans."""
+    _, _, num_splits = run_and_check([300, 129, 250, 0], 2, 16, 1, True, torch.bfloat16,
+                                     seed=9, num_sm_parts=20, softmax_scale=0.05, plan=plan)
+    per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
+    assert per_seq[3] == 1                        # the empty sequence: one (empty) split
+    assert min(per_seq[:3]) >= 2 if plan == "equal" else max(per_seq) >= 2
 
 
 def test_a_nan_the_kernel_must_read_fails_the_check():
@@ -139,9 +142,29 @@ def test_a_nan_the_kernel_must_read_fails_the_check():
 
 
 # ----------------------------------------------------------------------------------------
-# The plan, against a plain-Python statement of the same algorithm.
+# The plans, against plain-Python statements of the same algorithms.
 
-def plan_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
+def equal_splits_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
+    """Rows (sequence, first key, end key, slot) in launch order, and num_splits."""
+    blocks = [(n + block - 1) // block for n in lens]
+    chunk = max(1, -(-sum(b + overhead for b in blocks) // num_parts))
+    n_split = [max(1, -(-b // chunk)) for b in blocks]
+    num_splits = [0]
+    for n in n_split:
+        num_splits.append(num_splits[-1] + n)
+    size = [-(-b // n) for b, n in zip(blocks, n_split)]
+    order = sorted(range(len(lens)), key=lambda i: -size[i])   # stable: ties in batch order
+    rows = []
+    for i in order:
+        for j in range(n_split[i]):
+            rows.append((i, j * blocks[i] // n_split[i] * block,
+                         min((j + 1) * blocks[i] // n_split[i] * block, lens[i]),
+                         num_splits[i] + j))
+    return rows, num_splits
+
+
+def shares_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
+    """FlashMLA's plan: rows in batch order, a split's slot is its row."""
     blocks = [(n + block - 1) // block for n in lens]
     payload = -(-sum(b + overhead for b in blocks) // num_parts) + overhead
     rows, num_splits = [], [0]
@@ -151,13 +174,14 @@ def plan_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
         while idx < len(lens):
             rest = blocks[idx] - first
             if remain >= rest + overhead:
-                rows.append((idx, first * block, lens[idx]))
+                rows.append((idx, first * block, lens[idx], len(rows)))
                 num_splits.append(num_splits[-1] + nsplit + 1)
                 remain -= rest + overhead
                 idx, first, nsplit = idx + 1, 0, 0
             else:
                 if remain - overhead > 0:
-                    rows.append((idx, first * block, (first + remain - overhead) * block))
+                    rows.append((idx, first * block, (first + remain - overhead) * block,
+                                 len(rows)))
                     first += remain - overhead
                     nsplit += 1
                 break
@@ -165,24 +189,46 @@ def plan_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
     return rows, num_splits
 
 
+@pytest.mark.parametrize("plan,spec", [("equal", equal_splits_spec), ("shares", shares_spec)])
 @pytest.mark.parametrize("seed", range(4))
-def test_plan_matches_spec_and_covers_every_key_once(seed):
+def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     rnd = random.Random(seed)
     batch = rnd.choice([1, 5, 33, 300])
     lens = [max(0, int(rnd.gauss(700, 500))) for _ in range(batch)]
     parts = rnd.choice([1, 3, 8, 132])
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                        16, 1, num_sm_parts=parts)
-    rows, spec_splits = plan_spec(lens, parts)
+                                        16, 1, num_sm_parts=parts, plan=plan)
+    rows, spec_splits = spec(lens, parts)
     assert num_splits.tolist() == spec_splits
     assert meta.shape == (batch + parts, 8)
-    assert [tuple(r) for r in meta[:len(rows), :3].tolist()] == rows
-    assert (meta[len(rows):, 0] == -1).all()
-    for b, n in enumerate(lens):             # consecutive splits tile [0, n) exactly
-        own = meta[spec_splits[b]:spec_splits[b + 1], :3].tolist()
+    assert [tuple(r) for r in meta[:len(rows), :4].tolist()] == rows
+    assert (meta[len(rows):, :4] == -1).all() and (meta[:, 4:] == 0).all()
+    # Whatever the row order, the slots of sequence b are num_splits[b] .. [b+1]-1, in
+    # key order, and they tile [0, len) exactly once.
+    by_slot = sorted(rows, key=lambda r: r[3])
+    assert [r[3] for r in by_slot] == list(range(spec_splits[-1]))
+    for b, n in enumerate(lens):
+        own = by_slot[spec_splits[b]:spec_splits[b + 1]]
         assert all(r[0] == b for r in own)
         assert own[0][1] == 0 and own[-1][2] == n
         assert all(own[i][2] == own[i + 1][1] for i in range(len(own) - 1))
+
+
+def test_equal_plan_balances_one_long_and_many_short():
+    """The point of the default plan: the long sequence (last in the batch) is cut into
+    splits about the size of the short ones, which stay whole, and the largest splits
+    are launched first. (FlashMLA's shares cut short sequences too, in batch order.)"""
+    lens = [64 * 20] * 31 + [64 * 400]
+    meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
+                                        16, 1, num_sm_parts=32)
+    rows = meta[:int(num_splits[-1])].tolist()
+    sizes = [(r[2] - r[1] + 63) // 64 for r in rows]
+    per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
+    assert per_seq[:31] == [1] * 31 and per_seq[31] > 1
+    assert all(r[0] == 31 for r in rows[:per_seq[31]]), "the long sequence's splits first"
+    assert max(sizes) <= -(-(400 + 31 * 20 + 32 * 5) // 32)      # at most one chunk
+    # largest first (a sequence's equal splits may differ by one block)
+    assert all(later <= earlier + 1 for earlier, later in zip(sizes, sizes[1:]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,6 +297,8 @@ def test_bad_input_is_rejected_before_launch(no_launch, what, mutate, exc, match
 
 
 def test_metadata_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="plan must be one of"):
+        get_mla_metadata(torch.tensor([5, 6], dtype=torch.int32), 16, 1, plan="greedy")
     with pytest.raises(TypeError, match="int32"):
         get_mla_metadata(torch.tensor([5, 6]), 16, 1)
     with pytest.raises(ValueError, match="1-D"):

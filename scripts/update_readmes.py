@@ -70,10 +70,10 @@ HEADLINES = [
      None, "SDPA cuDNN", "bf16"),
     ("08", "bench", {"mode": "fwd_bwd", "headdim": 128, "causal": False, "seqlen": 8192},
      None, "SDPA cuDNN", "bf16"),
-    ("09", "mla_decode_gbps", {"mean len": 8192, "lengths": "fixed", "h_q": 16, "s_q": 1},
-     None, "device copy", "copy"),
-    ("09", "mla_decode_tflops", {"mean len": 8192, "lengths": "fixed", "h_q": 128, "s_q": 1},
-     None, "torch gather", "bf16"),
+    ("09", "mla_decode_gbps", {"mean len": 8192, "lengths": "varying", "h_q": 16, "s_q": 1},
+     "triton", "device copy", "copy"),
+    ("09", "mla_decode_tflops", {"mean len": 8192, "lengths": "varying", "h_q": 128,
+                                 "s_q": 1}, "triton", "torch gather", "bf16"),
 ]
 
 

@@ -37,7 +37,6 @@ unnormalised output, exp2 with log2(e) folded into the scale.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 from common import runtime  # before triton: selects GPU or the interpreter
@@ -51,6 +50,8 @@ HEAD_DIM_K = 576          # 512 latent + 64 RoPE key
 HEAD_DIM_V = 512          # V = the latent = the first 512 channels of K
 HEAD_DIM_ROPE = HEAD_DIM_K - HEAD_DIM_V
 FIXED_OVERHEAD_NUM_BLOCKS = 5     # a sequence's fixed cost in the plan, in blocks (FlashMLA's)
+MIN_SPLIT_BLOCKS = 32     # finer splits stop here: each split writes and the combine reads
+                          # back rows x 2 KB of fp32 partial output (<= 5% of 32 blocks' bytes)
 TILE_SCHEDULER_METADATA_SIZE = 8  # int32 per split: sequence, first key, end key, slot, 4 unused
 EMULATED_SM_COUNT = 8     # "SMs" under the interpreter: small, so plans still split
 LN2 = 0.6931471805599453
@@ -64,26 +65,30 @@ class MLAConfig(NamedTuple):
     num_warps: int = 8
     num_stages: int = 2
     parts_per_sm: int = 1    # shares of work per SM in the plan (2 if two programs fit)
+    chunks_per_part: int = 1  # finer splits where a sequence exceeds one share (the plan)
 
 
 def default_config(rows: int) -> MLAConfig:
-    """The config for ``rows = seqlen_q * heads_q // heads_k`` folded query rows: the
-    winners of the sweep that ``main.py --bench`` runs first (results/config_sweep-*.json,
-    H100, batch 128, cache length 4096).
+    """The config for ``rows = seqlen_q * heads_q // heads_k`` folded query rows, chosen
+    with ``main.py --sweep`` (results/config_sweep-*.json, H100, batch 128, cache length
+    4096) and checked on the whole benchmark, varying lengths included.
 
-    Up to 32 rows (memory-bound): small tiles on the mma.sync path with 4 warps, which
-    leave room for two programs per SM. 64 and 128 rows: BLOCK_M = 64 on Hopper's wgmma
-    with 8 warps (FlashMLA's tile); a 64 x 512 fp32 accumulator already takes 128 registers
-    per thread, so 128 rows become two programs that read the same cache tiles (the second
-    read mostly hits L2). 256 rows (s_q = 2, h_q = 128): 32-row tiles won by a few percent.
+    Up to 32 rows (memory-bound): small tiles on the mma.sync path with 4 warps; at 32
+    rows two programs fit per SM. 64 rows and more: BLOCK_M = 64 on Hopper's wgmma with 8
+    warps (FlashMLA's tile); a 64 x 512 fp32 accumulator already takes 128 registers per
+    thread, so 128 and 256 rows become 2 and 4 programs that read the same cache tiles
+    (the later reads mostly hit L2). 32-row tiles at 64+ rows tie at fixed lengths in the
+    sweep but lose 20-30% where lengths vary: twice the programs per split.
+
+    chunks_per_part = 3 up to 32 rows: where lengths vary, memory-bound decoding gained
+    up to 17% from splits of a third of a share (finer pieces fill the last wave);
+    compute-bound configs gained nothing from it (README, "The plan, measured").
     """
     if rows <= 16:
-        return MLAConfig(16, 512, 4, 2, parts_per_sm=1)
+        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3)
     if rows <= 32:
-        return MLAConfig(32, 512, 4, 2, parts_per_sm=2)
-    if rows <= 128:
-        return MLAConfig(64, 512, 8, 2, parts_per_sm=1)
-    return MLAConfig(32, 512, 4, 2, parts_per_sm=1)
+        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, chunks_per_part=3)
+    return MLAConfig(64, 512, 8, 2, parts_per_sm=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,16 +100,18 @@ def default_config(rows: int) -> MLAConfig:
 # (FlashMLA's cumulative count), so the combine kernel finds them without the plan.
 # The row order is free, and it is the order in which the hardware starts programs.
 
-def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, meta, num_splits):
+def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_part: int,
+                       meta, num_splits):
     """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
 
-    chunk = (the batch's key blocks + a fixed cost per sequence) / num_parts: what one
-    of the num_parts programs that run at once would get in a perfect balance. A
-    sequence of `blocks` key blocks becomes ceil(blocks / chunk) splits of equal size
-    (within one block), so at most batch + num_parts splits in all. Sorted by size,
-    largest first, the long pieces start in the first wave and the short ones fill the
-    SMs that free up first. Where every sequence fits in one chunk (fixed lengths up to
-    the balance point) nothing is split and the combine kernel has nothing to do.
+    share = (the batch's key blocks + a fixed cost per sequence) / num_parts: what one
+    of the num_parts programs that run at once would get in a perfect balance.
+    chunk = share / chunks_per_part, but not below MIN_SPLIT_BLOCKS (nor above share).
+    A sequence of `blocks` key blocks becomes ceil(blocks / chunk) splits of equal size
+    (within one block), so at most batch + num_parts * chunks_per_part splits in all; a
+    sequence that fits in one chunk is not split, and the combine kernel skips it.
+    Sorted by size, largest first, the long pieces start in the first wave and the short
+    ones fill the SMs that free up first.
     Tensor ops only: the plan stays on the device, no host sync.
     """
     batch = cache_seqlens.shape[0]
@@ -112,7 +119,9 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, meta, num_sp
     lens = cache_seqlens.long()
     blocks = (lens + PAGE_SIZE - 1) // PAGE_SIZE
     work = (blocks + FIXED_OVERHEAD_NUM_BLOCKS).sum()
-    chunk = torch.clamp((work + num_parts - 1) // num_parts, min=1)
+    share = (work + num_parts - 1) // num_parts
+    finer = torch.clamp((share + chunks_per_part - 1) // chunks_per_part, min=MIN_SPLIT_BLOCKS)
+    chunk = torch.clamp(torch.minimum(share, finer), min=1)
     n_split = torch.clamp((blocks + chunk - 1) // chunk, min=1)    # an empty sequence: 1
     num_splits[1:] = torch.cumsum(n_split, 0)
 
@@ -201,21 +210,23 @@ PLANS = ("equal", "shares")
 
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
                      num_heads_k: int, *, num_sm_parts: int | None = None,
-                     plan: str = "equal"):
+                     chunks_per_part: int | None = None, plan: str = "equal"):
     """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
     (the folded query rows of one kv head). num_sm_parts is how many programs of one
     (m block, kv head) pair fit on the GPU at once: SMs x programs per SM / heads_k /
-    m blocks. ``plan="equal"`` (default) cuts each sequence into equal splits of about
-    1 / num_sm_parts of the work, listed largest first; ``plan="shares"`` is FlashMLA's
-    plan, num_sm_parts equal shares in batch order (see the README for both measured).
+    m blocks. ``plan="equal"`` (default) cuts each sequence into equal splits of at
+    most 1 / (num_sm_parts * chunks_per_part) of the work (but not below 32 blocks
+    unless a share is smaller), listed largest first; ``plan="shares"`` is FlashMLA's plan, num_sm_parts
+    equal shares in batch order (see the README for both measured). Both counts come
+    from ``default_config(num_heads_per_head_k)`` unless given.
 
     num_splits: int32 (batch + 1,), cumulative: sequence b owns slots num_splits[b] to
     num_splits[b + 1] - 1 (FlashMLA's convention). tile_scheduler_metadata: int32
-    (batch + num_sm_parts, 8), one row per split in launch order, [sequence, first key,
-    end key, slot, 0, ...]; rows past the last split hold -1 (either plan makes at most
-    batch + num_sm_parts splits). FlashMLA's rows describe shares and its programs loop
+    (batch + num_sm_parts * chunks_per_part, 8), one row per split in launch order,
+    [sequence, first key, end key, slot, 0, ...]; rows past the last split hold -1
+    (neither plan makes more splits than that). FlashMLA's rows describe shares and its programs loop
     over them; ours give each split its own program, because a loop over sequences
     around the key loop made Triton spill registers (see the README).
     ``num_sm_parts`` overrides the count (tests use it to force many splits).
@@ -229,18 +240,22 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     batch = cache_seqlens.shape[0]
+    cfg = default_config(num_heads_per_head_k)
     if num_sm_parts is None:
-        cfg = default_config(num_heads_per_head_k)
         m_blocks = triton.cdiv(num_heads_per_head_k, cfg.block_m)
         num_sm_parts = max(1, cfg.parts_per_sm * _num_sm(cache_seqlens.device)
                            // num_heads_k // m_blocks)
+    if chunks_per_part is None:
+        chunks_per_part = cfg.chunks_per_part if plan == "equal" else 1
+    if num_sm_parts < 1 or chunks_per_part < 1:
+        raise ValueError("num_sm_parts and chunks_per_part must be positive")
     dev = cache_seqlens.device
-    meta = torch.full((batch + num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), -1,
+    meta = torch.full((batch + num_sm_parts * chunks_per_part, TILE_SCHEDULER_METADATA_SIZE), -1,
                       dtype=torch.int32, device=dev)
     meta[:, 4:] = 0
     num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     if batch > 0 and plan == "equal":
-        _plan_equal_splits(cache_seqlens, num_sm_parts, meta, num_splits)
+        _plan_equal_splits(cache_seqlens, num_sm_parts, chunks_per_part, meta, num_splits)
     elif batch > 0:
         _mla_shares_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
                                  num_sm_parts, BLOCK_N=PAGE_SIZE,
@@ -565,7 +580,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         _check_lengths(block_table, cache_seqlens, num_pages)
 
     cfg = config or default_config(rows)
-    max_splits = tile_scheduler_metadata.shape[0]    # batch + num_sm_parts
+    max_splits = tile_scheduler_metadata.shape[0]    # at most this many splits
     o_acc = _empty((max_splits, heads_k, rows, head_dim_v), torch.float32, q.device)
     lse_acc = _empty((max_splits, heads_k, rows), torch.float32, q.device)
     m_blocks = triton.cdiv(rows, cfg.block_m)

@@ -17,7 +17,6 @@ def _more(parser):
 
 args = lesson_args(__doc__, _more)
 
-import math  # noqa: E402
 import random  # noqa: E402
 
 import torch  # noqa: E402
@@ -159,7 +158,7 @@ def check_kernel():
 
 
 # ----------------------------------------------------------------------------------------
-# --sweep (and the start of --bench): tile configs on representative cases.
+# --sweep: tile configs on representative cases, fixed and varying lengths.
 
 SWEEP_CONFIGS = [
     # block_m, block_dv, num_warps, num_stages. BLOCK_DV = 256 is left out: Triton 3.6
@@ -172,63 +171,64 @@ SWEEP_CASES = ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128))   # (s_q, h_q), he
 
 
 def sweep(batch=128, mean=4096, ceilings=None):
-    """Time every config on each case; return {rows: best config} for the cases' rows."""
+    """Time every config on each case, with every cache length `mean` and with lengths
+    ~ N(mean, mean / 2); print the winner of each (lengths, rows)."""
     report = BenchReport(LESSON, "config_sweep", "GB/s",
-                         f"Decode kernel tile configs, batch {batch}, every cache length "
-                         f"{mean}, bf16 (GB/s by FlashMLA's byte formula; TFLOPS in the JSON)",
-                         ceilings)
-    lens = flashmla_lens(batch, mean, False, 1)
-    k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16)
-    sms = flash_mla._num_sm(k_cache.device)
+                         f"Decode kernel tile configs, batch {batch}, cache length {mean} "
+                         "(fixed, or varying ~ N(mean, mean/2)), bf16 (GB/s by FlashMLA's "
+                         "byte formula; TFLOPS in the JSON)", ceilings)
+    sms = flash_mla._num_sm(torch.device(DEV))
     best = {}
-    for sq, hq in SWEEP_CASES:
-        rows = sq * hq
-        q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
-        flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
-        meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
-        ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta0,
-                                        ns0, causal=sq > 1, config=MLAConfig())
-        for cfg0 in SWEEP_CONFIGS:
-            if rows >= 64 and cfg0.block_m < 32 or rows > 64 and cfg0.block_m == 16:
-                continue
-            for per_sm in ((1, 2) if cfg0.block_m <= 32 and rows <= 32 else (1,)):
-                cfg = cfg0._replace(parts_per_sm=per_sm)
-                parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
-                meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts)
-
-                def run():
-                    return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
-                                                  meta, ns, causal=sq > 1, check_lengths=False,
-                                                  config=cfg)
-                try:
-                    out, _ = run()
-                    assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
-                    t = bench(run)
-                except Exception as e:  # out of shared memory, etc.: say so, go on
-                    console.print(f"[red]{cfg} s_q={sq} h_q={hq}: {type(e).__name__}: "
-                                  f"{str(e)[:200]}[/red]")
+    for lengths in ("fixed", "varying"):
+        lens = flashmla_lens(batch, mean, lengths == "varying", 2, seed=mean)
+        k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16, seed=mean)
+        for sq, hq in SWEEP_CASES:
+            rows = sq * hq
+            chunks = flash_mla.default_config(rows).chunks_per_part  # the plan's, not a tile's
+            q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
+            flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
+            meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
+            ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta0,
+                                            ns0, causal=sq > 1, config=MLAConfig())
+            for cfg0 in SWEEP_CONFIGS:
+                if rows >= 64 and cfg0.block_m < 32 or rows > 64 and cfg0.block_m == 16:
                     continue
-                case = {"h_q": hq, "s_q": sq, "BLOCK_M": cfg.block_m, "warps": cfg.num_warps,
-                        "stages": cfg.num_stages, "parts/SM": per_sm}
-                report.add(case, "triton", t, gbps(nbytes, t.median_ms),
-                           tflops=tflops(flops, t.median_ms), config=cfg._asdict())
-                console.print(f"s_q={sq} h_q={hq:3d} {cfg}: {t.median_ms * 1e3:8.1f} us "
-                              f"{gbps(nbytes, t.median_ms):8.0f} GB/s "
-                              f"{tflops(flops, t.median_ms):6.1f} TFLOPS")
-                if rows not in best or t.median_ms < best[rows][0]:
-                    best[rows] = (t.median_ms, cfg)
+                for per_sm in ((1, 2) if cfg0.block_m <= 32 and rows <= 32 else (1,)):
+                    cfg = cfg0._replace(parts_per_sm=per_sm, chunks_per_part=chunks)
+                    parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
+                    meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts,
+                                                chunks_per_part=chunks)
+
+                    def run():
+                        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+                                                      512, meta, ns, causal=sq > 1,
+                                                      check_lengths=False, config=cfg)
+                    try:
+                        out, _ = run()
+                        assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
+                        t = bench(run)
+                    except Exception as e:  # out of shared memory, etc.: say so, go on
+                        console.print(f"[red]{cfg} s_q={sq} h_q={hq}: {type(e).__name__}: "
+                                      f"{str(e)[:200]}[/red]")
+                        continue
+                    case = {"lengths": lengths, "h_q": hq, "s_q": sq, "BLOCK_M": cfg.block_m,
+                            "warps": cfg.num_warps, "stages": cfg.num_stages,
+                            "parts/SM": per_sm}
+                    report.add(case, "triton", t, gbps(nbytes, t.median_ms),
+                               tflops=tflops(flops, t.median_ms), config=cfg._asdict())
+                    console.print(f"{lengths} s_q={sq} h_q={hq:3d} {cfg}: "
+                                  f"{t.median_ms * 1e3:8.1f} us "
+                                  f"{gbps(nbytes, t.median_ms):8.0f} GB/s "
+                                  f"{tflops(flops, t.median_ms):6.1f} TFLOPS")
+                    key = (lengths, rows)
+                    if key not in best or t.median_ms < best[key][0]:
+                        best[key] = (t.median_ms, cfg)
+        del k_cache, block_table
     report.print()
+    for (lengths, rows), (_, cfg) in sorted(best.items()):
+        console.print(f"best at {lengths} lengths, {rows} rows: {cfg} "
+                      f"(default_config: {flash_mla.default_config(rows)})")
     console.print(f"saved {report.save()}")
-    return {rows: cfg for rows, (_, cfg) in best.items()}
-
-
-def tuned(best: dict):
-    """default_config replacement: the sweep's winner for the nearest case with >= rows."""
-    keys = sorted(best)
-
-    def config(rows):
-        return best[next((k for k in keys if k >= rows), keys[-1])]
-    return config
 
 
 # ----------------------------------------------------------------------------------------
@@ -240,9 +240,7 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
     import matplotlib.pyplot as plt
 
     ceilings = measure_ceilings()
-    # Tile configs chosen by timing them first, in this run (recorded with every row).
-    best = sweep(batch=batch, mean=means[0], ceilings=ceilings)
-    flash_mla.default_config = tuned(best)
+    # default_config's tiles (chosen with --sweep), recorded with every row
     title = (f"MLA decoding, FlashMLA's setup: batch {batch}, heads_k 1, bf16, d_qk 576, "
              "d_v 512, pages of 64 in random order")
     rep_bw = BenchReport(LESSON, "mla_decode_gbps", "GB/s", title, ceilings)

@@ -144,10 +144,11 @@ def test_a_nan_the_kernel_must_read_fails_the_check():
 # ----------------------------------------------------------------------------------------
 # The plans, against plain-Python statements of the same algorithms.
 
-def equal_splits_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
+def equal_splits_spec(lens, num_parts, finer, block=PAGE_SIZE, overhead=5):
     """Rows (sequence, first key, end key, slot) in launch order, and num_splits."""
     blocks = [(n + block - 1) // block for n in lens]
-    chunk = max(1, -(-sum(b + overhead for b in blocks) // num_parts))
+    share = -(-sum(b + overhead for b in blocks) // num_parts)
+    chunk = max(1, min(share, max(-(-share // finer), flash_mla.MIN_SPLIT_BLOCKS)))
     n_split = [max(1, -(-b // chunk)) for b in blocks]
     num_splits = [0]
     for n in n_split:
@@ -163,7 +164,7 @@ def equal_splits_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
     return rows, num_splits
 
 
-def shares_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
+def shares_spec(lens, num_parts, finer=1, block=PAGE_SIZE, overhead=5):
     """FlashMLA's plan: rows in batch order, a split's slot is its row."""
     blocks = [(n + block - 1) // block for n in lens]
     payload = -(-sum(b + overhead for b in blocks) // num_parts) + overhead
@@ -190,17 +191,20 @@ def shares_spec(lens, num_parts, block=PAGE_SIZE, overhead=5):
 
 
 @pytest.mark.parametrize("plan,spec", [("equal", equal_splits_spec), ("shares", shares_spec)])
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     rnd = random.Random(seed)
     batch = rnd.choice([1, 5, 33, 300])
-    lens = [max(0, int(rnd.gauss(700, 500))) for _ in range(batch)]
+    spread = rnd.choice([0, 500])                  # equal lengths, or N(700, 500)
+    lens = [max(0, int(rnd.gauss(700, spread))) for _ in range(batch)]
     parts = rnd.choice([1, 3, 8, 132])
+    finer = rnd.choice([1, 3]) if plan == "equal" else 1
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                        16, 1, num_sm_parts=parts, plan=plan)
-    rows, spec_splits = spec(lens, parts)
+                                        16, 1, num_sm_parts=parts, chunks_per_part=finer,
+                                        plan=plan)
+    rows, spec_splits = spec(lens, parts, finer)
     assert num_splits.tolist() == spec_splits
-    assert meta.shape == (batch + parts, 8)
+    assert meta.shape == (batch + parts * finer, 8)
     assert [tuple(r) for r in meta[:len(rows), :4].tolist()] == rows
     assert (meta[len(rows):, :4] == -1).all() and (meta[:, 4:] == 0).all()
     # Whatever the row order, the slots of sequence b are num_splits[b] .. [b+1]-1, in
@@ -220,7 +224,7 @@ def test_equal_plan_balances_one_long_and_many_short():
     are launched first. (FlashMLA's shares cut short sequences too, in batch order.)"""
     lens = [64 * 20] * 31 + [64 * 400]
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                        16, 1, num_sm_parts=32)
+                                        16, 1, num_sm_parts=32, chunks_per_part=1)
     rows = meta[:int(num_splits[-1])].tolist()
     sizes = [(r[2] - r[1] + 63) // 64 for r in rows]
     per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
@@ -297,6 +301,8 @@ def test_bad_input_is_rejected_before_launch(no_launch, what, mutate, exc, match
 
 
 def test_metadata_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="must be positive"):
+        get_mla_metadata(torch.tensor([5, 6], dtype=torch.int32), 16, 1, chunks_per_part=0)
     with pytest.raises(ValueError, match="plan must be one of"):
         get_mla_metadata(torch.tensor([5, 6], dtype=torch.int32), 16, 1, plan="greedy")
     with pytest.raises(TypeError, match="int32"):

@@ -4,7 +4,7 @@
     python lessons/08_flash_v2/main.py --bench      the papers' benchmark vs SDPA FA2 / cuDNN
     python lessons/08_flash_v2/main.py --ablation   v1 -> v2, one measured step at a time
     python lessons/08_flash_v2/main.py --sweep      TFLOPS of every tile in the tuning set
-    python lessons/08_flash_v2/main.py --launch-overhead   seqlen 512: eager vs CUDA graph
+    python lessons/08_flash_v2/main.py --launch-overhead   seqlen 512/1024: eager vs CUDA graph
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
@@ -18,7 +18,7 @@ def _extra(parser):
     parser.add_argument("--sweep", action="store_true",
                         help="TFLOPS of every tile of the pruned tuning set (GPU only)")
     parser.add_argument("--launch-overhead", action="store_true",
-                        help="seqlen 512: eager launch vs CUDA graph, every implementation")
+                        help="seqlen 512 and 1024: eager launch vs CUDA graph, host time per call")
     parser.add_argument("--sweep-kernels", default="fwd,dkdv,dq",
                         help="with --sweep: which kernels (comma-separated)")
     parser.add_argument("--quick", action="store_true",
@@ -138,6 +138,22 @@ def _impls():
             ("SDPA cuDNN", _sdpa(SDPBackend.CUDNN_ATTENTION), True)]
 
 
+def _call(fn, q, k, v, causal, mode):
+    """One forward (no autograd) or one forward+backward, as a closure."""
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v, causal)
+        return fwd
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+
+    def fwd_bwd():
+        qg.grad = kg.grad = vg.grad = None
+        fn(qg, kg, vg, causal).backward(dout)
+    return fwd_bwd
+
+
 def _time_attention(fn, q, k, v, causal, mode, graph=False):
     """Median time of one forward (or forward+backward) call.
 
@@ -145,18 +161,23 @@ def _time_attention(fn, q, k, v, causal, mode, graph=False):
     included). graph=True: 20 calls captured in a CUDA graph and replayed, so only the
     GPU's time counts; applied to every implementation alike.
     """
-    if mode == "fwd":
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v, causal)
-        return bench(fwd, cuda_graph=graph)
-    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-    dout = torch.randn_like(q)
+    return bench(_call(fn, q, k, v, causal, mode), cuda_graph=graph)
 
-    def fwd_bwd():
-        qg.grad = kg.grad = vg.grad = None
-        fn(qg, kg, vg, causal).backward(dout)
-    return bench(fwd_bwd, cuda_graph=graph)
+
+def _host_us(fn, q, k, v, causal, mode, calls=20):
+    """Host time per call (microseconds): calls issued back to back, no sync between.
+    When it exceeds the GPU time, the GPU waits on Python: the call is host-bound."""
+    import time
+    run = _call(fn, q, k, v, causal, mode)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        run()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def run_bench(quick=False):
@@ -200,38 +221,44 @@ def run_bench(quick=False):
     plot_bench(report.to_dict(), path.with_suffix(".png"))
 
 
-def run_launch_overhead(seqlen=512):
+def run_launch_overhead(seqlens=(512, 1024)):
     """Short sequences: how much of each call is Python/launch overhead?
 
     Every implementation timed twice at the same shape: launched eagerly from Python (as
-    in --bench) and replayed from a CUDA graph (GPU time only).
+    in --bench) and replayed from a CUDA graph (GPU time only); for the eager launch
+    also the host's time per call (``host_us``).
     """
     precompile([("api", d, c, None, {}) for d in (64, 128) for c in (False, True)])
     report = BenchReport(LESSON, "launch_overhead", "TFLOPS",
-                         f"Eager launch vs CUDA graph at seqlen {seqlen} (16k tokens, hidden "
+                         "Eager launch vs CUDA graph at short sequences (16k tokens, hidden "
                          "2048, bf16)")
     impls = _impls()
-    for mode in ("fwd", "fwd_bwd"):
-        for d in (64, 128):
-            for causal in (False, True):
-                b, h = 16384 // seqlen, 2048 // d
-                q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)
-                           for _ in range(3))
-                flops = attention_flops(b, seqlen, seqlen, h, d, causal=causal, mode=mode)
-                for launch in ("eager", "cuda graph"):
-                    case = {"mode": mode, "headdim": d, "causal": causal, "seqlen": seqlen,
-                            "launch": launch}
-                    for name, fn, peer in impls:
-                        try:
-                            t = _time_attention(fn, q, k, v, causal, mode,
-                                                graph=launch == "cuda graph")
-                        except Exception as e:
-                            console.print(f"[yellow]{name} {case}: {type(e).__name__}: "
-                                          f"{str(e)[:200]}[/yellow]")
-                            t = None
-                        report.add(case, name, t, tflops(flops, t.median_ms) if t else None,
-                                   peer=peer)
-                report.save()
+    for seqlen in seqlens:
+        for mode in ("fwd", "fwd_bwd"):
+            for d in (64, 128):
+                for causal in (False, True):
+                    b, h = 16384 // seqlen, 2048 // d
+                    q, k, v = (torch.randn(b, seqlen, h, d, device="cuda",
+                                           dtype=torch.bfloat16) for _ in range(3))
+                    flops = attention_flops(b, seqlen, seqlen, h, d, causal=causal, mode=mode)
+                    for launch in ("eager", "cuda graph"):
+                        case = {"mode": mode, "headdim": d, "causal": causal,
+                                "seqlen": seqlen, "launch": launch}
+                        for name, fn, peer in impls:
+                            extra = {}
+                            try:
+                                t = _time_attention(fn, q, k, v, causal, mode,
+                                                    graph=launch == "cuda graph")
+                                if launch == "eager":
+                                    extra["host_us"] = _host_us(fn, q, k, v, causal, mode)
+                            except Exception as e:
+                                console.print(f"[yellow]{name} {case}: {type(e).__name__}: "
+                                              f"{str(e)[:200]}[/yellow]")
+                                t = None
+                            report.add(case, name, t,
+                                       tflops(flops, t.median_ms) if t else None, peer=peer,
+                                       **extra)
+                    report.save()
     report.print()
     console.print(f"saved {report.save()}")
 

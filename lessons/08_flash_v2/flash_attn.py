@@ -51,6 +51,9 @@ LN2 = 0.6931471805599453    # ln(2):   log(x) == log2(x) * LN2
 # FLASH_ATTN_AUTOTUNE=0 uses the first (default) config of each table below, no tuning:
 # the GPU tests set it so that each test compiles one kernel, not the whole config set.
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
+# The forward's unmasked stage issues the next Q K^T before the current softmax
+# (_fwd_inner_early_qk). Off until measured to help on the GPU.
+EARLY_QK = False
 
 
 def _allocator(size: int, alignment: int, stream):
@@ -233,6 +236,40 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, lo, hi,
 
 
 @triton.jit
+def _fwd_inner_early_qk(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, lo, hi,
+                        qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Stage 1 (whole, unmasked key blocks [lo, hi)) as a software pipeline: the next
+    block's S = Q K^T is issued *before* this block's softmax.
+
+    On Hopper a wgmma runs asynchronously: while the tensor cores compute S_{j+1}, the
+    warps can compute exp2 for S_j (FlashAttention-3's intra-warpgroup overlap, written
+    by hand instead of by warp specialization). The price: one more S tile live in
+    registers, and one Q K^T too many at the end (of the block after the last).
+    """
+    dt = tl.float32 if DOT_FP32 else q.dtype
+    k = _load_block(k_src, lo, hi, stride_ks, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA, True)
+    qk = tl.dot(q.to(dt), tl.trans(k.to(dt)))
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        # rows past hi read zeros (pointers) or the next keys (TMA): never used
+        k_next = _load_block(k_src, start_n + BLOCK_N, hi, stride_ks, BLOCK_N, HEAD_DIM,
+                             BLOCK_D, USE_TMA, True)
+        qk_next = tl.dot(q.to(dt), tl.trans(k_next.to(dt)))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_block(v_src, start_n, hi, stride_vs, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA,
+                        False)
+        acc = tl.dot(p.to(dt), v.to(dt), acc)
+        m_i = m_ij
+        qk = qk_next
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -244,7 +281,7 @@ def _attn_fwd_kernel(
     SEQLEN_KEY,  # bucketed max(seqlen_q, seqlen_k): the autotuner's key, unused here
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_FP32: tl.constexpr, WARP_SPEC: tl.constexpr,
+    DOT_FP32: tl.constexpr, WARP_SPEC: tl.constexpr, EARLY_QK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Program (i, bh) owns query rows [i*BLOCK_M, (i+1)*BLOCK_M) of sequence b, head h.
@@ -284,9 +321,15 @@ def _attn_fwd_kernel(
 
     mid, hi = _query_block_bounds(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     # stage 1: whole key blocks every row sees - no mask, no bounds checks
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, 0, mid,
-                               offs_m, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D,
-                               BLOCK_N, CAUSAL, False, USE_TMA, DOT_FP32, WARP_SPEC)
+    if EARLY_QK:
+        acc, l_i, m_i = _fwd_inner_early_qk(acc, l_i, m_i, q, k_src, v_src, stride_ks,
+                                            stride_vs, 0, mid, qk_scale, HEAD_DIM, BLOCK_D,
+                                            BLOCK_N, USE_TMA, DOT_FP32)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, 0,
+                                   mid, offs_m, seqlen_q, seqlen_k, qk_scale, HEAD_DIM,
+                                   BLOCK_D, BLOCK_N, CAUSAL, False, USE_TMA, DOT_FP32,
+                                   WARP_SPEC)
     # stage 2: the diagonal (causal) and the ragged last key block - masked
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, mid, hi,
                                offs_m, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D,
@@ -792,7 +835,8 @@ class _Problem:
                     IS_VARLEN=self.varlen, USE_TMA=use_tma, DOT_FP32=INTERPRET)
 
 
-def _flash_fwd(q, k, v, p: _Problem, use_tma=None, tile=None, warp_spec=False):
+def _flash_fwd(q, k, v, p: _Problem, use_tma=None, tile=None, warp_spec=False,
+               early_qk=None):
     """out (q's shape, q's dtype) and lse (float32: (b, hq, sq) or (hq, total_q))."""
     out = _empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (p.hq, q.shape[0]) if p.varlen else (p.batch, p.hq, p.sq)
@@ -805,7 +849,8 @@ def _flash_fwd(q, k, v, p: _Problem, use_tma=None, tile=None, warp_spec=False):
             *p.strides(out), *p.lse_strides(lse), p.sq, p.sk, p.hq, p.scale * LOG2E, p.key)
     grid = lambda meta: (triton.cdiv(p.sq, meta["BLOCK_M"]), p.batch * p.hq)  # noqa: E731
     _launch("fwd", _attn_fwd_kernel, _fwd_tuned, grid, args,
-            {**p.consts(use_tma), "WARP_SPEC": warp_spec}, p.d, tile)
+            {**p.consts(use_tma), "WARP_SPEC": warp_spec,
+             "EARLY_QK": EARLY_QK if early_qk is None else early_qk}, p.d, tile)
     return out, lse
 
 

@@ -33,7 +33,8 @@ def compile_job(job):
             flash_attn.flash_attn_func(q, k, v, causal=causal).sum().backward()
         elif kind == "fwd":
             p = flash_attn._Problem(q, k, v, None, causal)
-            flash_attn._flash_fwd(q, k, v, p, use_tma=extra.get("tma"), tile=tile)
+            flash_attn._flash_fwd(q, k, v, p, use_tma=extra.get("tma"), tile=tile,
+                                  early_qk=extra.get("early_qk"))
         elif kind == "bwd":
             p = flash_attn._Problem(q, k, v, None, causal)
             out, lse = flash_attn._flash_fwd(q, k, v, p)

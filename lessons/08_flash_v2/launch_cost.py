@@ -55,7 +55,8 @@ def main():
     out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
     args = (q, k, v, out, lse, p.cu_q, p.cu_k, *p.strides(q), *p.strides(k), *p.strides(v),
             *p.strides(out), *p.lse_strides(lse), p.sq, p.sk, p.hq, p.scale * fa.LOG2E, p.key)
-    consts = {**p.consts(fa._tma_ok(q, k, v, out)), "WARP_SPEC": False}
+    consts = {**p.consts(fa._tma_ok(q, k, v, out)), "WARP_SPEC": False,
+              "EARLY_QK": fa.EARLY_QK}
     grid = lambda meta: (triton.cdiv(p.sq, meta["BLOCK_M"]), p.batch * p.hq)  # noqa: E731
     triton.set_allocator(fa._allocator)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))

@@ -417,6 +417,8 @@ def run_sweep(kernels=("fwd", "dkdv", "dq")):
         for causal in (False, True):
             for i, tile in enumerate(SWEEP_TILES["fwd"][d] if "fwd" in kernels else []):
                 jobs.append(("fwd", d, causal, tile, {"tma": True}))
+                # the same tile with the next Q K^T issued before the softmax
+                jobs.append(("fwd", d, causal, tile, {"tma": True, "early_qk": True}))
                 if i < PTR_TILES:
                     jobs.append(("fwd", d, causal, tile, {"tma": False}))
             for which in [k for k in ("dkdv", "dq") if k in kernels]:
@@ -435,10 +437,12 @@ def run_sweep(kernels=("fwd", "dkdv", "dq")):
         fwd_flops = attention_flops(b, s, s, h, d, causal=causal)
         case = {"kernel": kind if kind == "fwd" else extra["which"], "headdim": d,
                 "causal": causal}
-        label = f"{tile} " + ("tma" if extra.get("tma") else "ptr")
+        label = (f"{tile} " + ("tma" if extra.get("tma") else "ptr")
+                 + (" early QK" if extra.get("early_qk") else ""))
         try:
             if kind == "fwd":
-                t = bench(lambda: fa._flash_fwd(q, k, v, p, use_tma=extra["tma"], tile=tile))
+                t = bench(lambda: fa._flash_fwd(q, k, v, p, use_tma=extra["tma"], tile=tile,
+                                                early_qk=extra.get("early_qk", False)))
                 flops = fwd_flops
             else:
                 out, lse = fa._flash_fwd(q, k, v, p)

@@ -225,6 +225,18 @@ def test_bad_varlen_inputs_are_rejected(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
+# The forward's early-Q K^T stage (the next block's S issued before this block's softmax)
+
+@pytest.mark.parametrize("sq,sk,d,causal", [(70, 70, 32, False), (130, 200, 64, True),
+                                            (65, 129, 96, False), (200, 64, 64, True)])
+def test_early_qk_stage_matches_reference(monkeypatch, sq, sk, d, causal):
+    """Same attention with EARLY_QK on: ragged key counts, padded head dim 96, causal
+    with seqlen_q != seqlen_k, and a key block count that leaves the stage empty."""
+    monkeypatch.setattr(fa, "EARLY_QK", True)
+    check_batched(2, sq, sk, 2, 1, d, causal, torch.bfloat16, seed=sq + d)
+
+
+# --------------------------------------------------------------------------------------
 # The ablation's kernels compute the same attention
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -44,6 +44,15 @@ def test_gpu_tools_say_why_and_exit_cleanly_without_a_gpu(script, args):
     assert "needs a GPU" in r.stdout
 
 
+@pytest.mark.skipif(runtime.is_gpu(), reason="checks the no-GPU answer")
+@pytest.mark.parametrize("script", ["lessons/08_flash_v2/launch_cost.py",
+                                    "lessons/09_mla/plan_sweep.py"])
+def test_lesson_gpu_probes_say_why_and_exit_cleanly_without_a_gpu(script):
+    r = _script(script)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do under emulation" in r.stdout
+
+
 def test_gpu_tools_reject_an_unknown_lesson():
     for script in ("profile.py", "sanitize.py"):
         r = _script(f"scripts/{script}", "--lesson", "42")

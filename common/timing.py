@@ -135,6 +135,28 @@ def _bench_graph(fn, *, rep_ms: float, min_reps: int) -> Timing:
                   min(times), reps)
 
 
+def host_us(fn, *, calls: int = 20, warmup: int = 3) -> float | None:
+    """Host time per call of ``fn`` in microseconds: calls issued back to back with no
+    synchronisation between them, so this is what Python, the framework and the driver
+    spend on the CPU. When it exceeds the call's device time the GPU waits on the host:
+    the call is host-bound. None under emulation."""
+    if runtime.is_emulated():
+        fn()
+        return None
+    import time
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
 # ----------------------------------------------------------------------------------------
 # Throughput: the formula is the caller's (bytes or FLOPs it counted); these convert.
 

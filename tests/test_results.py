@@ -4,7 +4,7 @@ import json
 
 from common import runtime
 from common.results import BenchReport, gpu_slug, markdown_table
-from common.timing import Timing, bench, gbps, tflops
+from common.timing import Timing, bench, gbps, host_us, tflops
 
 
 def test_bench_under_emulation_runs_once_and_reports_none():
@@ -13,6 +13,22 @@ def test_bench_under_emulation_runs_once_and_reports_none():
     calls = []
     assert bench(lambda: calls.append(1)) is None
     assert calls == [1]
+
+
+def test_host_us_counts_host_time_per_call():
+    import time
+    calls = []
+
+    def slow():                       # 300 us of host work per call, nothing on the GPU
+        calls.append(1)
+        end = time.perf_counter() + 300e-6
+        while time.perf_counter() < end:
+            pass
+    if runtime.is_emulated():
+        assert host_us(slow) is None and calls == [1]
+    else:
+        t = host_us(slow, calls=10, warmup=2)
+        assert len(calls) == 12 and 300 <= t < 3000
 
 
 def test_throughput_units():

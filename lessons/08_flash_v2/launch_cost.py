@@ -27,24 +27,13 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E4
 
 import flash_attn as fa  # noqa: E402
 from common.results import gpu_slug  # noqa: E402
+from common.timing import host_us  # noqa: E402
 
 
 @triton.jit
 def _tiny(X, n, B: tl.constexpr):
     i = tl.arange(0, B)
     tl.store(X + i, tl.load(X + i, mask=i < n) + 1, mask=i < n)
-
-
-def host_us(fn, n=300):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def main():
@@ -101,7 +90,7 @@ def main():
              f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
              ""]
     for name, fn in rows.items():
-        lines.append(f"{name:46s} {host_us(fn):8.1f} us")
+        lines.append(f"{name:46s} {host_us(fn, calls=300, warmup=5):8.1f} us")
     text = "\n".join(lines) + "\n"
     print(text)
     import os

@@ -40,7 +40,7 @@ from common import runtime  # noqa: E402
 from common.checks import assert_close, assert_error_within  # noqa: E402
 from common.reference import attention_flops, attention_ref, attention_varlen_ref  # noqa: E402
 from common.results import BenchReport, REPO, gpu_slug  # noqa: E402
-from common.timing import bench, tflops  # noqa: E402
+from common.timing import bench, host_us, tflops  # noqa: E402
 
 import flash_ablation  # noqa: E402
 import flash_compile_cache  # noqa: E402
@@ -164,22 +164,6 @@ def _time_attention(fn, q, k, v, causal, mode, graph=False):
     return bench(_call(fn, q, k, v, causal, mode), cuda_graph=graph)
 
 
-def _host_us(fn, q, k, v, causal, mode, calls=20):
-    """Host time per call (microseconds): calls issued back to back, no sync between.
-    When it exceeds the GPU time, the GPU waits on Python: the call is host-bound."""
-    import time
-    run = _call(fn, q, k, v, causal, mode)
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        run()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
-
-
 def run_bench(quick=False):
     import time
     from common.ceilings import measure_ceilings
@@ -250,7 +234,8 @@ def run_launch_overhead(seqlens=(512, 1024)):
                                 t = _time_attention(fn, q, k, v, causal, mode,
                                                     graph=launch == "cuda graph")
                                 if launch == "eager":
-                                    extra["host_us"] = _host_us(fn, q, k, v, causal, mode)
+                                    extra["host_us"] = host_us(_call(fn, q, k, v, causal,
+                                                                     mode))
                             except Exception as e:
                                 console.print(f"[yellow]{name} {case}: {type(e).__name__}: "
                                               f"{str(e)[:200]}[/yellow]")

@@ -85,16 +85,19 @@ def main():
     })
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"host time per call, {b}x{s}x{h}x{d} bf16 (GPU never the bottleneck)",
-             f"{torch.cuda.get_device_name()}, {cpu}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
+             f"{torch.cuda.get_device_name()}, {cpu}, {when}",
+             f"torch {torch.__version__}, triton {triton.__version__}, "
+             f"python {platform.python_version()}",
              ""]
     for name, fn in rows.items():
         lines.append(f"{name:46s} {host_us(fn, calls=300, warmup=5):8.1f} us")
     text = "\n".join(lines) + "\n"
     print(text)
     import os
-    out_dir = pathlib.Path(os.environ.get("RESULTS_DIR") or pathlib.Path(__file__).parent / "results")
+    out_dir = pathlib.Path(os.environ.get("RESULTS_DIR")
+                           or pathlib.Path(__file__).parent / "results")
     path = out_dir / f"launch_cost-{gpu_slug()}.txt"
     path.write_text(text)
     print(f"saved {path}")

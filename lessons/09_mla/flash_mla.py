@@ -21,11 +21,12 @@ A plan and two kernels, in the order they run:
    many short sequences finish together. (FlashMLA's own plan, equal *shares* that may
    end inside a sequence, is ``plan="shares"``: ``_mla_shares_kernel``.)
 2. ``_mla_decode_kernel``: program (m_block, kv head, row of the plan) walks the key
-   blocks of its split, page by page. Its BLOCK_M query rows are (seqlen_q x heads of one kv head) folded
-   together, so one 64 x 576 tile of the cache, loaded once from HBM, serves every head:
-   that is what makes MLA decoding cheap. The first dot uses all 576 channels, the second
-   reuses the first 512 of the same tile as V. A sequence with one split writes its
-   output directly; otherwise it writes an fp32 partial output and its log-sum-exp.
+   blocks of its split, page by page. Its BLOCK_M query rows are (seqlen_q x heads of
+   one kv head) folded together, so one 64 x 576 tile of the cache, loaded once from
+   HBM, serves every head: that is what makes MLA decoding cheap. The first dot uses
+   all 576 channels, the second reuses the first 512 of the same tile as V. A sequence
+   with one split writes its output directly; otherwise it writes an fp32 partial
+   output and its log-sum-exp.
 3. ``_mla_combine_kernel``: merges the partial outputs of split sequences through their
    log-sum-exps, out = sum_i exp(lse_i - lse) * o_i with lse = log sum_i exp(lse_i).
 
@@ -218,17 +219,17 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     (m block, kv head) pair fit on the GPU at once: SMs x programs per SM / heads_k /
     m blocks. ``plan="equal"`` (default) cuts each sequence into equal splits of at
     most 1 / (num_sm_parts * chunks_per_part) of the work (but not below 32 blocks
-    unless a share is smaller), listed largest first; ``plan="shares"`` is FlashMLA's plan, num_sm_parts
-    equal shares in batch order (see the README for both measured). Both counts come
-    from ``default_config(num_heads_per_head_k)`` unless given.
+    unless a share is smaller), listed largest first; ``plan="shares"`` is FlashMLA's
+    plan, num_sm_parts equal shares in batch order (see the README for both measured).
+    Both counts come from ``default_config(num_heads_per_head_k)`` unless given.
 
     num_splits: int32 (batch + 1,), cumulative: sequence b owns slots num_splits[b] to
     num_splits[b + 1] - 1 (FlashMLA's convention). tile_scheduler_metadata: int32
     (batch + num_sm_parts * chunks_per_part, 8), one row per split in launch order,
     [sequence, first key, end key, slot, 0, ...]; rows past the last split hold -1
-    (neither plan makes more splits than that). FlashMLA's rows describe shares and its programs loop
-    over them; ours give each split its own program, because a loop over sequences
-    around the key loop made Triton spill registers (see the README).
+    (neither plan makes more splits than that). FlashMLA's rows describe shares and its
+    programs loop over them; ours give each split its own program, because a loop over
+    sequences around the key loop made Triton spill registers (see the README).
     ``num_sm_parts`` overrides the count (tests use it to force many splits).
     """
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:

@@ -79,7 +79,7 @@ def default_config(rows: int) -> MLAConfig:
     warps (FlashMLA's tile); a 64 x 512 fp32 accumulator already takes 128 registers per
     thread, so 128 and 256 rows become 2 and 4 programs that read the same cache tiles
     (the later reads mostly hit L2). 32-row tiles at 64+ rows tie at fixed lengths in the
-    sweep but lose 20-30% where lengths vary: twice the programs per split.
+    sweep but lose 7-30% where lengths vary: twice the programs per split.
 
     chunks_per_part = 3 up to 32 rows: where lengths vary, memory-bound decoding gained
     up to 17% from splits of a third of a share (finer pieces fill the last wave);

@@ -82,8 +82,9 @@ def default_config(rows: int) -> MLAConfig:
     sweep but lose 7-30% where lengths vary: twice the programs per split.
 
     chunks_per_part = 3 up to 32 rows: where lengths vary, memory-bound decoding gained
-    up to 17% from splits of a third of a share (finer pieces fill the last wave);
-    compute-bound configs gained nothing from it (README, "The plan, measured").
+    up to 17% from splits of a third of a share (finer pieces fill the last wave); at 64+
+    rows finer splits did not help (-7% to +2%). With MIN_SPLIT_BLOCKS = 32 it had the
+    best mean over the memory-bound cases (plan_sweep.py; results/plan_sweep*.json).
     """
     if rows <= 16:
         return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3)

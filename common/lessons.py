@@ -38,6 +38,19 @@ def lesson_dir(lesson: str | int) -> Path:
     raise LookupError(f"there is no lesson {lesson!r} (lessons: {known})")
 
 
+def lesson_dir_from_cli(lesson: str, example: str) -> Path | None:
+    """A script's ``--lesson`` value -> the folder, or None after saying on stderr what is
+    wrong (none given: ``example`` shows how; no such lesson: the ones there are)."""
+    if not lesson:
+        print(f"error: say which lesson: {example}", file=sys.stderr)
+        return None
+    try:
+        return lesson_dir(lesson)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def import_lesson_module(lesson: str | int, module: str):
     """Import ``module`` from a lesson's folder, e.g. ``("08", "flash_attn")``."""
     folder = str(lesson_dir(lesson))

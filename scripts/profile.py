@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import runtime  # noqa: E402
-from common.lessons import lesson_dir  # noqa: E402
+from common.lessons import lesson_dir_from_cli  # noqa: E402
 
 # Each lesson's main kernel: a regular expression on the kernel's name as ncu sees it
 # (Numba mangles names, Triton keeps the Python function name).
@@ -57,13 +57,8 @@ def main() -> int:
     ap.add_argument("--output", help="also save the report (.ncu-rep) here")
     ap.add_argument("main_args", nargs="*", help="passed to main.py (after --)")
     args = ap.parse_args()
-    if not args.lesson:
-        print("error: say which lesson: make profile LESSON=08", file=sys.stderr)
-        return 2
-    try:
-        folder = lesson_dir(args.lesson)
-    except LookupError as e:
-        print(f"error: {e}", file=sys.stderr)
+    folder = lesson_dir_from_cli(args.lesson, "make profile LESSON=08")
+    if folder is None:
         return 2
     if runtime.is_emulated():
         print("make profile needs a GPU: Nsight Compute reads the hardware counters.")

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import runtime  # noqa: E402
-from common.lessons import lesson_dir  # noqa: E402
+from common.lessons import lesson_dir_from_cli  # noqa: E402
 
 NUMBA_LESSONS = ("01", "02", "03", "04", "05", "06", "07")
 
@@ -40,13 +40,8 @@ def main() -> int:
     ap.add_argument("--tools", default="memcheck,racecheck")
     ap.add_argument("--log", help="write the tools' full output here (default: print it)")
     args = ap.parse_args()
-    if not args.lesson:
-        print("error: say which lesson: make sanitize LESSON=04", file=sys.stderr)
-        return 2
-    try:
-        folder = lesson_dir(args.lesson)
-    except LookupError as e:
-        print(f"error: {e}", file=sys.stderr)
+    folder = lesson_dir_from_cli(args.lesson, "make sanitize LESSON=04")
+    if folder is None:
         return 2
     if folder.name[:2] not in NUMBA_LESSONS:
         print(f"note: {folder.name} is a Triton lesson; compute-sanitizer works on it too, "

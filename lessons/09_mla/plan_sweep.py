@@ -22,19 +22,14 @@ VARIANTS = [(3, 32), (2, 32), (4, 32), (3, 16), (3, 64), (4, 16), (6, 16)]  # (c
 
 
 def main():
-    import importlib.util
     import torch
     import flash_mla
     from flash_mla import flash_mla_with_kvcache, get_mla_metadata
     from common.results import gpu_slug
     from common.timing import bench, gbps
+    import problems as m
 
     here = pathlib.Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("mla_main", here / "main.py")
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)          # its problem builders: flashmla_lens, paged_cache
-    sys.argv = argv
     rows, total = [], {v: 0.0 for v in VARIANTS}
     for mean in (4096, 8192, 16384):
         for varlen in (False, True):

@@ -15,7 +15,6 @@ rounding). lse is float32 and computed from fp32 dot products of exact bf16/fp16
 summation order over up to 16k keys.
 """
 
-import math
 import random
 
 import pytest
@@ -28,6 +27,7 @@ from common.reference import paged_mla_decode_ref
 import flash_mla
 from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, flash_mla_with_kvcache,
                        get_mla_metadata)
+from problems import flashmla_lens
 
 DEV = runtime.torch_device()
 SLACK = {torch.bfloat16: 2 ** -9, torch.float16: 2 ** -12}   # half an ulp at 1.0
@@ -323,13 +323,6 @@ def test_empty_batch_launches_nothing(no_launch):
 
 # ----------------------------------------------------------------------------------------
 # On the GPU: FlashMLA's sizes (batch 128, mean length 4096, lengths ~ N(mean, mean/2)).
-
-def flashmla_lens(batch, mean, varlen, seqlen_q, seed):
-    rnd = random.Random(seed)
-    if not varlen:
-        return [mean] * batch
-    return [max(int(rnd.gauss(mean, mean / 2)), seqlen_q) for _ in range(batch)]
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mean,varlen,sq,hq,causal,dtype", [

@@ -43,7 +43,8 @@ class Timing:
 _l2_flush_buffer = None
 
 
-def _flush_l2():
+def flush_l2_cache():
+    """Overwrite a 256 MiB buffer so that L2 holds none of the next call's inputs."""
     global _l2_flush_buffer
     import torch
     if _l2_flush_buffer is None:
@@ -89,7 +90,7 @@ def bench(fn, *, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int =
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         if flush_l2:
-            _flush_l2()
+            flush_l2_cache()
         starts[i].record()
         fn()
         ends[i].record()

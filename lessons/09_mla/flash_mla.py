@@ -45,6 +45,7 @@ from common import runtime  # before triton: selects GPU or the interpreter
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer, smid
 
 PAGE_SIZE = 64            # tokens per cache page (FlashMLA's block size); also BLOCK_N
 HEAD_DIM_K = 576          # 512 latent + 64 RoPE key
@@ -317,7 +318,7 @@ def _attend_block(acc, m_i, l_i, q_c, q_r, k_base, n, block_table_row, seqlen_k,
 @triton.jit
 def _mla_decode_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr,
-        out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr,
+        out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr, trace_ptr,
         stride_qb, stride_qs, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_bt,
@@ -327,13 +328,15 @@ def _mla_decode_kernel(
         seqlen_q, group, rows, qk_scale,
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DV: tl.constexpr,
-        META: tl.constexpr, DOT_FP32: tl.constexpr):
+        META: tl.constexpr, DOT_FP32: tl.constexpr, TRACE: tl.constexpr):
     NUM_DV: tl.constexpr = D_LATENT // BLOCK_DV
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)        # one program per row of the plan (and m/dv block)
     m_block = pid_m // NUM_DV
     dv_block = pid_m % NUM_DV
+    if TRACE:                       # timeline.py: which SM ran this program, and when
+        t_start = globaltimer()
 
     b = tl.load(meta_ptr + split * META + 0)
     if b >= 0:                      # rows past the plan's last split hold -1
@@ -391,6 +394,12 @@ def _mla_decode_kernel(
             if dv_block == 0:
                 tl.store(lse_acc_ptr + (slot * tl.num_programs(1) + hk) * rows + offs_m,
                          tl.where(empty, float("-inf"), lse), mask=row_ok)
+    if TRACE:   # [SM, start ns, end ns] per program, in grid order
+        pid = (split * tl.num_programs(1) + hk) * tl.num_programs(0) + pid_m
+        rec = trace_ptr + pid.to(tl.int64) * 3
+        tl.store(rec, smid().to(tl.int64))
+        tl.store(rec + 1, t_start)
+        tl.store(rec + 2, globaltimer())
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,7 +562,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            cache_seqlens: torch.Tensor, head_dim_v: int,
                            tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
                            softmax_scale: float | None = None, causal: bool = False, *,
-                           check_lengths: bool = True, config: MLAConfig | None = None):
+                           check_lengths: bool = True, config: MLAConfig | None = None,
+                           trace: torch.Tensor | None = None):
     """Attention of q over a paged MLA cache (FlashMLA's interface). Returns (out, lse).
 
     q: (batch, seqlen_q, heads_q, 576) bf16/fp16; k_cache: (num_pages, 64, heads_k, 576);
@@ -566,6 +576,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     ``check_lengths`` (ours, default on) also checks the values of cache_seqlens and
     block_table, which costs one host sync; the benchmark turns it off, as FlashMLA
     (which checks shapes only) would be timed. ``config`` picks the tile sizes.
+    ``trace`` (GPU only, for ``timeline.py``): an int64 tensor of 3 elements per program
+    of :func:`decode_grid`; each decode program writes its [SM id, start ns, end ns] (the
+    GPU's global timer) at 3 x its linear program id.
     """
     _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
                   tile_scheduler_metadata, num_splits)
@@ -582,14 +595,20 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         _check_lengths(block_table, cache_seqlens, num_pages)
 
     cfg = config or default_config(rows)
+    grid = decode_grid(rows, heads_k, tile_scheduler_metadata.shape[0], cfg)
+    if trace is not None:
+        if runtime.is_emulated():
+            raise RuntimeError("trace reads the GPU's SM id and clock: it needs a GPU")
+        if trace.dtype != torch.int64 or trace.device != q.device or not trace.is_contiguous() \
+                or trace.numel() < 3 * grid[0] * grid[1] * grid[2]:
+            raise ValueError(f"trace must be a contiguous int64 tensor on {q.device} with at "
+                             f"least {3 * grid[0] * grid[1] * grid[2]} elements")
     max_splits = tile_scheduler_metadata.shape[0]    # at most this many splits
     o_acc = _empty((max_splits, heads_k, rows, head_dim_v), torch.float32, q.device)
     lse_acc = _empty((max_splits, heads_k, rows), torch.float32, q.device)
-    m_blocks = triton.cdiv(rows, cfg.block_m)
-    grid = (m_blocks * (head_dim_v // cfg.block_dv), heads_k, max_splits)
     _mla_decode_kernel[grid](
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-        out, lse, o_acc, lse_acc,
+        out, lse, o_acc, lse_acc, lse if trace is None else trace,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
@@ -599,7 +618,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         seqlen_q, group, rows, scale * LOG2E,
         CAUSAL=bool(causal) and seqlen_q > 1, BLOCK_M=cfg.block_m, BLOCK_N=PAGE_SIZE,
         D_LATENT=HEAD_DIM_V, D_ROPE=HEAD_DIM_ROPE, BLOCK_DV=cfg.block_dv,
-        META=TILE_SCHEDULER_METADATA_SIZE, DOT_FP32=_DOT_FP32,
+        META=TILE_SCHEDULER_METADATA_SIZE, DOT_FP32=_DOT_FP32, TRACE=trace is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block_r = 4
     _mla_combine_kernel[(triton.cdiv(rows, block_r), heads_k, batch)](
@@ -608,6 +627,11 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         lse.stride(0), lse.stride(1), heads_k, group, rows,
         D_V=head_dim_v, BLOCK_R=block_r, num_warps=4)
     return out, lse
+
+
+def decode_grid(rows: int, heads_k: int, plan_rows: int, cfg: MLAConfig):
+    """The decode kernel's grid: (m blocks x dv blocks, kv heads, rows of the plan)."""
+    return (triton.cdiv(rows, cfg.block_m) * (HEAD_DIM_V // cfg.block_dv), heads_k, plan_rows)
 
 
 def pack_pages(kv: torch.Tensor, cache_seqlens: torch.Tensor | None = None,

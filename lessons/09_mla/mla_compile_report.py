@@ -48,9 +48,9 @@ def compile_decode(block_m, block_dv, num_warps, num_stages, seqlen_q=1, heads_q
                 stride_ah=rows * 512, seqlen_q=seqlen_q, group=heads_q, rows=rows)
     ptrs = dict(q_ptr=dtype, k_ptr=dtype, out_ptr=dtype, block_table_ptr="i32",
                 seqlens_ptr="i32", meta_ptr="i32", num_splits_ptr="i32", lse_ptr="fp32",
-                o_acc_ptr="fp32", lse_acc_ptr="fp32")
+                o_acc_ptr="fp32", lse_acc_ptr="fp32", trace_ptr="i64")
     consts = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=64, D_LATENT=512, D_ROPE=64,
-                  BLOCK_DV=block_dv, META=8, DOT_FP32=False)
+                  BLOCK_DV=block_dv, META=8, DOT_FP32=False, TRACE=False)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):     # what the launcher would specialize on
         if name in ptrs:

@@ -354,3 +354,41 @@ def test_gpu_fp32_dot_path(monkeypatch):
     monkeypatch.setattr(flash_mla, "_DOT_FP32", True)
     run_and_check(flashmla_lens(8, 500, True, 2, seed=1), 2, 8, 1, True, torch.bfloat16,
                   seed=3, config=flash_mla.MLAConfig(16, 512, 8, 1))
+
+
+def test_trace_needs_a_gpu_or_a_valid_buffer():
+    q, k_cache, block_table, cache_seqlens = make_problem([70, 5], 1, 16, 1, torch.bfloat16,
+                                                          seed=4)
+    meta, ns = get_mla_metadata(cache_seqlens, 16, 1)
+    args = (q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, meta, ns)
+    if runtime.is_emulated():
+        with pytest.raises(RuntimeError, match="needs a GPU"):
+            flash_mla_with_kvcache(*args, trace=torch.zeros(10**4, dtype=torch.int64))
+    else:
+        for bad in (torch.zeros(10**4, dtype=torch.int32, device=DEV),   # dtype
+                    torch.zeros(5, dtype=torch.int64, device=DEV)):       # too small
+            with pytest.raises(ValueError, match="trace must be"):
+                flash_mla_with_kvcache(*args, trace=bad)
+
+
+@pytest.mark.gpu
+def test_gpu_trace_records_every_program():
+    """The timeline's raw data: one record per program, on a real SM, start <= end, and
+    the traced call computes what the untraced one does."""
+    lens = flashmla_lens(32, 3000, True, 1, seed=5)
+    q, k_cache, block_table, cache_seqlens = make_problem(lens, 1, 16, 1, torch.bfloat16,
+                                                          seed=6)
+    meta, ns = get_mla_metadata(cache_seqlens, 16, 1)
+    args = (q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, meta, ns)
+    cfg = flash_mla.default_config(16)
+    grid = flash_mla.decode_grid(16, 1, meta.shape[0], cfg)
+    n = grid[0] * grid[1] * grid[2]
+    trace = torch.full((3 * n,), -7, dtype=torch.int64, device=DEV)
+    out, lse = flash_mla_with_kvcache(*args, trace=trace)
+    ref_out, ref_lse = flash_mla_with_kvcache(*args)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    rec = trace.view(n, 3).cpu()
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    assert ((rec[:, 0] >= 0) & (rec[:, 0] < sms)).all()
+    assert (rec[:, 1] > 0).all() and (rec[:, 2] >= rec[:, 1]).all()
+    assert (rec[:, 2] - rec[:, 1]).max() < 10**9             # no program took a second

@@ -68,6 +68,7 @@ class MLAConfig(NamedTuple):
     num_stages: int = 2
     parts_per_sm: int = 1    # shares of work per SM in the plan (2 if two programs fit)
     chunks_per_part: int = 1  # finer splits where a sequence exceeds one share (the plan)
+    resident_per_sm: int = 1  # programs that run at once on one SM (shared memory, regs)
 
 
 def default_config(rows: int) -> MLAConfig:
@@ -86,12 +87,15 @@ def default_config(rows: int) -> MLAConfig:
     up to 17% from splits of a third of a share (finer pieces fill the last wave); at 64+
     rows finer splits did not help (-7% to +2%). With MIN_SPLIT_BLOCKS = 32 it had the
     best mean over the memory-bound cases (plan_sweep.py; results/plan_sweep*.json).
+
+    resident_per_sm: 16- and 32-row programs take 92 and 112 KB of shared memory, so two
+    run on each SM (timeline.py measures it: ``resident``); a 64-row program takes 216 KB.
     """
     if rows <= 16:
-        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3)
+        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3, resident_per_sm=2)
     if rows <= 32:
-        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, chunks_per_part=3)
-    return MLAConfig(64, 512, 8, 2, parts_per_sm=1)
+        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, chunks_per_part=3, resident_per_sm=2)
+    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,8 +107,25 @@ def default_config(rows: int) -> MLAConfig:
 # (FlashMLA's cumulative count), so the combine kernel finds them without the plan.
 # The row order is free, and it is the order in which the hardware starts programs.
 
+def _whole_waves(batch: int, slots: int, max_rows: int, blocks: torch.Tensor):
+    """Splits per sequence when every sequence has the same `blocks` (a 0-d tensor):
+    the k whose batch * k programs fill their waves of `slots` best (fewest splits on a
+    tie), among k = 1..8 that keep splits of at least MIN_SPLIT_BLOCKS blocks.
+
+    k = 2 at batch 128 and 264 slots: 256 programs, one wave 97% full. A chunk of a third
+    of a share would give 3 splits each, 384 programs: 1.45 waves, the second half empty.
+    The waves are known on the host; only the validity of each k needs the length.
+    """
+    ks = [k for k in range(1, 9) if batch * k <= max_rows]
+    fill = {k: batch * k / (slots * -(-batch * k // slots)) for k in ks}
+    ks.sort(key=lambda k: (-round(fill[k], 3), k))         # best filled first
+    cand = torch.tensor(ks, device=blocks.device)
+    ok = (cand == 1) | ((cand <= blocks) & ((blocks + cand - 1) // cand >= MIN_SPLIT_BLOCKS))
+    return cand[torch.argmax(ok.int())]                    # the first valid k
+
+
 def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_part: int,
-                       meta, num_splits):
+                       slots: int, meta, num_splits):
     """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
 
     share = (the batch's key blocks + a fixed cost per sequence) / num_parts: what one
@@ -115,6 +136,9 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_p
     sequence that fits in one chunk is not split, and the combine kernel skips it.
     Sorted by size, largest first, the long pieces start in the first wave and the short
     ones fill the SMs that free up first.
+    When every sequence has the same length there are no short pieces to fill with: the
+    count of splits is then chosen to fill whole waves of `slots` programs
+    (:func:`_whole_waves`).
     Tensor ops only: the plan stays on the device, no host sync.
     """
     batch = cache_seqlens.shape[0]
@@ -126,6 +150,8 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_p
     finer = torch.clamp((share + chunks_per_part - 1) // chunks_per_part, min=MIN_SPLIT_BLOCKS)
     chunk = torch.clamp(torch.minimum(share, finer), min=1)
     n_split = torch.clamp((blocks + chunk - 1) // chunk, min=1)    # an empty sequence: 1
+    n_split = torch.where(blocks.max() == blocks.min(),
+                          _whole_waves(batch, slots, meta.shape[0], blocks[0]), n_split)
     num_splits[1:] = torch.cumsum(n_split, 0)
 
     # Launch order: sequences by the size of their splits, largest first (stable, so
@@ -213,7 +239,8 @@ PLANS = ("equal", "shares")
 
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
                      num_heads_k: int, *, num_sm_parts: int | None = None,
-                     chunks_per_part: int | None = None, plan: str = "equal"):
+                     chunks_per_part: int | None = None, num_slots: int | None = None,
+                     plan: str = "equal"):
     """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
@@ -232,7 +259,10 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     (neither plan makes more splits than that). FlashMLA's rows describe shares and its
     programs loop over them; ours give each split its own program, because a loop over
     sequences around the key loop made Triton spill registers (see the README).
-    ``num_sm_parts`` overrides the count (tests use it to force many splits).
+    num_slots: how many programs of one (m block, kv head) pair run at once (SMs x
+    ``resident_per_sm`` / heads_k / m blocks); the default plan fills whole waves of them
+    when every length is the same. ``num_sm_parts``, ``chunks_per_part`` and
+    ``num_slots`` override the defaults (tests use them to force many splits).
     """
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:
         raise ValueError("cache_seqlens must be a 1-D tensor (batch,)")
@@ -244,21 +274,25 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     batch = cache_seqlens.shape[0]
     cfg = default_config(num_heads_per_head_k)
+    m_blocks = triton.cdiv(num_heads_per_head_k, cfg.block_m)
     if num_sm_parts is None:
-        m_blocks = triton.cdiv(num_heads_per_head_k, cfg.block_m)
         num_sm_parts = max(1, cfg.parts_per_sm * _num_sm(cache_seqlens.device)
                            // num_heads_k // m_blocks)
+    if num_slots is None:
+        num_slots = max(1, cfg.resident_per_sm * _num_sm(cache_seqlens.device)
+                        // num_heads_k // m_blocks)
     if chunks_per_part is None:
         chunks_per_part = cfg.chunks_per_part if plan == "equal" else 1
-    if num_sm_parts < 1 or chunks_per_part < 1:
-        raise ValueError("num_sm_parts and chunks_per_part must be positive")
+    if num_sm_parts < 1 or chunks_per_part < 1 or num_slots < 1:
+        raise ValueError("num_sm_parts, chunks_per_part and num_slots must be positive")
     dev = cache_seqlens.device
     meta = torch.full((batch + num_sm_parts * chunks_per_part, TILE_SCHEDULER_METADATA_SIZE), -1,
                       dtype=torch.int32, device=dev)
     meta[:, 4:] = 0
     num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     if batch > 0 and plan == "equal":
-        _plan_equal_splits(cache_seqlens, num_sm_parts, chunks_per_part, meta, num_splits)
+        _plan_equal_splits(cache_seqlens, num_sm_parts, chunks_per_part, num_slots, meta,
+                           num_splits)
     elif batch > 0:
         _mla_shares_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
                                  num_sm_parts, BLOCK_N=PAGE_SIZE,

@@ -144,12 +144,30 @@ def test_a_nan_the_kernel_must_read_fails_the_check():
 # ----------------------------------------------------------------------------------------
 # The plans, against plain-Python statements of the same algorithms.
 
-def equal_splits_spec(lens, num_parts, finer, block=PAGE_SIZE, overhead=5):
+def whole_waves_spec(batch, slots, max_rows, blocks, min_blocks):
+    """Equal lengths: the k in 1..8 (batch * k rows at most) whose programs fill their
+    waves of `slots` best, fewest splits on a tie, splits of >= min_blocks unless k = 1."""
+    best = None
+    for k in range(1, 9):
+        if batch * k > max_rows or k > 1 and (k > blocks or -(-blocks // k) < min_blocks):
+            continue
+        waves = -(-batch * k // slots)
+        fill = round(batch * k / (waves * slots), 3)
+        if best is None or fill > best[0]:
+            best = (fill, k)
+    return best[1]
+
+
+def equal_splits_spec(lens, num_parts, finer, slots=None, block=PAGE_SIZE, overhead=5):
     """Rows (sequence, first key, end key, slot) in launch order, and num_splits."""
     blocks = [(n + block - 1) // block for n in lens]
     share = -(-sum(b + overhead for b in blocks) // num_parts)
     chunk = max(1, min(share, max(-(-share // finer), flash_mla.MIN_SPLIT_BLOCKS)))
     n_split = [max(1, -(-b // chunk)) for b in blocks]
+    if len(set(blocks)) == 1:
+        k = whole_waves_spec(len(lens), slots, len(lens) + num_parts * finer, blocks[0],
+                             flash_mla.MIN_SPLIT_BLOCKS)
+        n_split = [k] * len(lens)
     num_splits = [0]
     for n in n_split:
         num_splits.append(num_splits[-1] + n)
@@ -164,7 +182,7 @@ def equal_splits_spec(lens, num_parts, finer, block=PAGE_SIZE, overhead=5):
     return rows, num_splits
 
 
-def shares_spec(lens, num_parts, finer=1, block=PAGE_SIZE, overhead=5):
+def shares_spec(lens, num_parts, finer=1, slots=None, block=PAGE_SIZE, overhead=5):
     """FlashMLA's plan: rows in batch order, a split's slot is its row."""
     blocks = [(n + block - 1) // block for n in lens]
     payload = -(-sum(b + overhead for b in blocks) // num_parts) + overhead
@@ -199,10 +217,11 @@ def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     lens = [max(0, int(rnd.gauss(700, spread))) for _ in range(batch)]
     parts = rnd.choice([1, 3, 8, 132])
     finer = rnd.choice([1, 3]) if plan == "equal" else 1
+    slots = rnd.choice([1, 7, 16, 264])
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
                                         16, 1, num_sm_parts=parts, chunks_per_part=finer,
-                                        plan=plan)
-    rows, spec_splits = spec(lens, parts, finer)
+                                        num_slots=slots, plan=plan)
+    rows, spec_splits = spec(lens, parts, finer, slots)
     assert num_splits.tolist() == spec_splits
     assert meta.shape == (batch + parts * finer, 8)
     assert [tuple(r) for r in meta[:len(rows), :4].tolist()] == rows
@@ -216,6 +235,31 @@ def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
         assert all(r[0] == b for r in own)
         assert own[0][1] == 0 and own[-1][2] == n
         assert all(own[i][2] == own[i + 1][1] for i in range(len(own) - 1))
+
+
+@pytest.mark.parametrize("batch,length,slots,expect", [
+    (128, 4096, 264, 2),     # 256 programs: one wave of 264, 97% full (3 would be 1.45)
+    (128, 8192, 264, 2),
+    (128, 4096, 132, 1),     # 64 rows: one program per SM, 128 of 132
+    (100, 8192, 264, 2),     # 2 and 4 fill 76%; 5 (95%) needs 500 rows, the plan has 496
+    (128, 1000, 264, 1),     # 16 blocks: no split of at least MIN_SPLIT_BLOCKS
+])
+def test_equal_lengths_fill_whole_waves(batch, length, slots, expect):
+    """With every length the same, the default plan picks the split count by how full
+    the waves of programs are, and cuts every sequence the same way."""
+    lens = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    meta, num_splits = get_mla_metadata(lens, 16, 1, num_sm_parts=132, chunks_per_part=3,
+                                        num_slots=slots)
+    per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
+    assert per_seq == [expect] * batch
+    assert whole_waves_spec(batch, slots, batch + 132 * 3, -(-length // 64),
+                            flash_mla.MIN_SPLIT_BLOCKS) == expect
+    # one length less in one sequence: the rule for varying lengths applies again
+    lens[0] -= 64
+    _, num_splits = get_mla_metadata(lens, 16, 1, num_sm_parts=132, chunks_per_part=3,
+                                     num_slots=slots)
+    rows, spec_splits = equal_splits_spec(lens.tolist(), 132, 3, slots)
+    assert num_splits.tolist() == spec_splits
 
 
 def test_equal_plan_balances_one_long_and_many_short():

@@ -52,8 +52,6 @@ HEAD_DIM_K = 576          # 512 latent + 64 RoPE key
 HEAD_DIM_V = 512          # V = the latent = the first 512 channels of K
 HEAD_DIM_ROPE = HEAD_DIM_K - HEAD_DIM_V
 FIXED_OVERHEAD_NUM_BLOCKS = 5     # a sequence's fixed cost in the plan, in blocks (FlashMLA's)
-MIN_SPLIT_BLOCKS = 32     # finer splits stop here: each split writes and the combine reads
-                          # back rows x 2 KB of fp32 partial output (<= 5% of 32 blocks' bytes)
 TILE_SCHEDULER_METADATA_SIZE = 8  # int32 per split: sequence, first key, end key, slot, 4 unused
 EMULATED_SM_COUNT = 8     # "SMs" under the interpreter: small, so plans still split
 LN2 = 0.6931471805599453
@@ -69,6 +67,7 @@ class MLAConfig(NamedTuple):
     parts_per_sm: int = 1    # shares of work per SM in the plan (2 if two programs fit)
     chunks_per_part: int = 1  # finer splits where a sequence exceeds one share (the plan)
     resident_per_sm: int = 1  # programs that run at once on one SM (shared memory, regs)
+    min_split_blocks: int = 32  # no split below this many key blocks (unless a share is)
 
 
 def default_config(rows: int) -> MLAConfig:
@@ -83,19 +82,27 @@ def default_config(rows: int) -> MLAConfig:
     (the later reads mostly hit L2). 32-row tiles at 64+ rows tie at fixed lengths in the
     sweep but lose 7-30% where lengths vary: twice the programs per split.
 
-    chunks_per_part = 3 up to 32 rows: where lengths vary, memory-bound decoding gained
-    up to 17% from splits of a third of a share (finer pieces fill the last wave); at 64+
-    rows finer splits did not help (-7% to +2%). With MIN_SPLIT_BLOCKS = 32 it had the
-    best mean over the memory-bound cases (plan_sweep.py; results/plan_sweep*.json).
+    The plan up to 32 rows (memory-bound), where lengths vary: finer splits fill the last
+    wave (timeline.py shows the idle SMs), but each split writes rows x 2 KB of fp32
+    partial output that the combine reads back, rows x 4 KB of traffic, as much as
+    rows / 18 key blocks. So min_split_blocks = rows (the extra traffic stays under 6%),
+    and a chunk of share / chunks_per_part above it: 3 at 16 rows, 6 at 32 rows, where a
+    share is twice as small (two parts per SM). Measured against the earlier 3 chunks and
+    32 blocks for both tiles (timeline.py --variants, CUDA-graph times,
+    results/timeline-*.json): +6.9% at 16 rows, mean 4096, varying lengths; +9.3% and
+    +10.6% at 32 rows, mean 16384, varying; the 15 other memory-bound cases within
+    -1.3%..+0.6%. At 64+ rows finer splits did not help (plan_sweep.py).
 
     resident_per_sm: 16- and 32-row programs take 92 and 112 KB of shared memory, so two
     run on each SM (timeline.py measures it: ``resident``); a 64-row program takes 216 KB.
     """
     if rows <= 16:
-        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3, resident_per_sm=2)
+        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3, resident_per_sm=2,
+                         min_split_blocks=16)
     if rows <= 32:
-        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, chunks_per_part=3, resident_per_sm=2)
-    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1)
+        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, chunks_per_part=6, resident_per_sm=2,
+                         min_split_blocks=32)
+    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1, min_split_blocks=32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,10 +114,11 @@ def default_config(rows: int) -> MLAConfig:
 # (FlashMLA's cumulative count), so the combine kernel finds them without the plan.
 # The row order is free, and it is the order in which the hardware starts programs.
 
-def _whole_waves(batch: int, slots: int, max_rows: int, blocks: torch.Tensor):
+def _whole_waves(batch: int, slots: int, max_rows: int, blocks: torch.Tensor,
+                 min_blocks: int):
     """Splits per sequence when every sequence has the same `blocks` (a 0-d tensor):
     the k whose batch * k programs fill their waves of `slots` best (fewest splits on a
-    tie), among k = 1..8 that keep splits of at least MIN_SPLIT_BLOCKS blocks.
+    tie), among k = 1..8 that keep splits of at least `min_blocks` blocks.
 
     k = 2 at batch 128 and 264 slots: 256 programs, one wave 97% full. A chunk of a third
     of a share would give 3 splits each, 384 programs: 1.45 waves, the second half empty.
@@ -120,17 +128,17 @@ def _whole_waves(batch: int, slots: int, max_rows: int, blocks: torch.Tensor):
     fill = {k: batch * k / (slots * -(-batch * k // slots)) for k in ks}
     ks.sort(key=lambda k: (-round(fill[k], 3), k))         # best filled first
     cand = torch.tensor(ks, device=blocks.device)
-    ok = (cand == 1) | ((cand <= blocks) & ((blocks + cand - 1) // cand >= MIN_SPLIT_BLOCKS))
+    ok = (cand == 1) | ((cand <= blocks) & ((blocks + cand - 1) // cand >= min_blocks))
     return cand[torch.argmax(ok.int())]                    # the first valid k
 
 
 def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_part: int,
-                       slots: int, meta, num_splits):
+                       min_blocks: int, slots: int, meta, num_splits):
     """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
 
     share = (the batch's key blocks + a fixed cost per sequence) / num_parts: what one
     of the num_parts programs that run at once would get in a perfect balance.
-    chunk = share / chunks_per_part, but not below MIN_SPLIT_BLOCKS (nor above share).
+    chunk = share / chunks_per_part, but not below min_blocks (nor above share).
     A sequence of `blocks` key blocks becomes ceil(blocks / chunk) splits of equal size
     (within one block), so at most batch + num_parts * chunks_per_part splits in all; a
     sequence that fits in one chunk is not split, and the combine kernel skips it.
@@ -147,11 +155,12 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_p
     blocks = (lens + PAGE_SIZE - 1) // PAGE_SIZE
     work = (blocks + FIXED_OVERHEAD_NUM_BLOCKS).sum()
     share = (work + num_parts - 1) // num_parts
-    finer = torch.clamp((share + chunks_per_part - 1) // chunks_per_part, min=MIN_SPLIT_BLOCKS)
+    finer = torch.clamp((share + chunks_per_part - 1) // chunks_per_part, min=min_blocks)
     chunk = torch.clamp(torch.minimum(share, finer), min=1)
     n_split = torch.clamp((blocks + chunk - 1) // chunk, min=1)    # an empty sequence: 1
     n_split = torch.where(blocks.max() == blocks.min(),
-                          _whole_waves(batch, slots, meta.shape[0], blocks[0]), n_split)
+                          _whole_waves(batch, slots, meta.shape[0], blocks[0], min_blocks),
+                          n_split)
     num_splits[1:] = torch.cumsum(n_split, 0)
 
     # Launch order: sequences by the size of their splits, largest first (stable, so
@@ -240,15 +249,16 @@ PLANS = ("equal", "shares")
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
                      num_heads_k: int, *, num_sm_parts: int | None = None,
                      chunks_per_part: int | None = None, num_slots: int | None = None,
-                     plan: str = "equal"):
+                     min_split_blocks: int | None = None, plan: str = "equal"):
     """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
     (the folded query rows of one kv head). num_sm_parts is how many programs of one
     (m block, kv head) pair fit on the GPU at once: SMs x programs per SM / heads_k /
     m blocks. ``plan="equal"`` (default) cuts each sequence into equal splits of at
-    most 1 / (num_sm_parts * chunks_per_part) of the work (but not below 32 blocks
-    unless a share is smaller), listed largest first; ``plan="shares"`` is FlashMLA's
+    most 1 / (num_sm_parts * chunks_per_part) of the work (but not below
+    min_split_blocks unless a share is smaller), listed largest first, or into the split
+    count that fills whole waves when every length is the same; ``plan="shares"`` is FlashMLA's
     plan, num_sm_parts equal shares in batch order (see the README for both measured).
     Both counts come from ``default_config(num_heads_per_head_k)`` unless given.
 
@@ -261,8 +271,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     sequences around the key loop made Triton spill registers (see the README).
     num_slots: how many programs of one (m block, kv head) pair run at once (SMs x
     ``resident_per_sm`` / heads_k / m blocks); the default plan fills whole waves of them
-    when every length is the same. ``num_sm_parts``, ``chunks_per_part`` and
-    ``num_slots`` override the defaults (tests use them to force many splits).
+    when every length is the same. ``num_sm_parts``, ``chunks_per_part``, ``num_slots``
+    and ``min_split_blocks`` override the config's (tests use them to force many splits).
     """
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:
         raise ValueError("cache_seqlens must be a 1-D tensor (batch,)")
@@ -283,16 +293,19 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
                         // num_heads_k // m_blocks)
     if chunks_per_part is None:
         chunks_per_part = cfg.chunks_per_part if plan == "equal" else 1
-    if num_sm_parts < 1 or chunks_per_part < 1 or num_slots < 1:
-        raise ValueError("num_sm_parts, chunks_per_part and num_slots must be positive")
+    if min_split_blocks is None:
+        min_split_blocks = cfg.min_split_blocks
+    if num_sm_parts < 1 or chunks_per_part < 1 or num_slots < 1 or min_split_blocks < 1:
+        raise ValueError("num_sm_parts, chunks_per_part, num_slots and min_split_blocks "
+                         "must be positive")
     dev = cache_seqlens.device
     meta = torch.full((batch + num_sm_parts * chunks_per_part, TILE_SCHEDULER_METADATA_SIZE), -1,
                       dtype=torch.int32, device=dev)
     meta[:, 4:] = 0
     num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     if batch > 0 and plan == "equal":
-        _plan_equal_splits(cache_seqlens, num_sm_parts, chunks_per_part, num_slots, meta,
-                           num_splits)
+        _plan_equal_splits(cache_seqlens, num_sm_parts, chunks_per_part, min_split_blocks,
+                           num_slots, meta, num_splits)
     elif batch > 0:
         _mla_shares_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
                                  num_sm_parts, BLOCK_N=PAGE_SIZE,

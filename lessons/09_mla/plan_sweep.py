@@ -2,11 +2,12 @@
 
     python lessons/09_mla/plan_sweep.py
 
-`chunks_per_part` (a split is at most 1/chunks of a share) and `MIN_SPLIT_BLOCKS` (but
+`chunks_per_part` (a split is at most 1/chunks of a share) and `min_split_blocks` (but
 never below this many key blocks), for h_q 16 and 32 (s_q 1) at mean lengths 4096, 8192
 and 16384, fixed and varying: 12 cases, each variant timed in the same run. Prints one
 line per case and the mean GB/s of each variant; writes the raw rows to
-results/plan_sweep-<gpu>.json. The defaults in flash_mla.py (3 and 32) come from here.
+results/plan_sweep-<gpu>.json. Its run chose 3 and 32 for both tiles; `timeline.py
+--variants` then refined them per tile (see default_config).
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
@@ -23,7 +24,6 @@ VARIANTS = [(3, 32), (2, 32), (4, 32), (3, 16), (3, 64), (4, 16), (6, 16)]  # (c
 
 def main():
     import torch
-    import flash_mla
     from flash_mla import flash_mla_with_kvcache, get_mla_metadata
     from common.results import gpu_slug
     from common.timing import bench, gbps
@@ -40,8 +40,8 @@ def main():
                 _, nbytes = m.flashmla_flops_bytes(lens, 1, hq, 1)
                 line = []
                 for chunks, min_blocks in VARIANTS:
-                    flash_mla.MIN_SPLIT_BLOCKS = min_blocks
-                    meta, ns = get_mla_metadata(cs, hq, 1, chunks_per_part=chunks)
+                    meta, ns = get_mla_metadata(cs, hq, 1, chunks_per_part=chunks,
+                                                min_split_blocks=min_blocks)
                     t = bench(lambda: flash_mla_with_kvcache(q, k_cache, bt, cs, 512, meta, ns,
                                                              check_lengths=False))
                     g = gbps(nbytes, t.median_ms)

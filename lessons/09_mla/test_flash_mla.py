@@ -158,15 +158,16 @@ def whole_waves_spec(batch, slots, max_rows, blocks, min_blocks):
     return best[1]
 
 
-def equal_splits_spec(lens, num_parts, finer, slots=None, block=PAGE_SIZE, overhead=5):
+def equal_splits_spec(lens, num_parts, finer, slots=None, min_blocks=32, block=PAGE_SIZE,
+                      overhead=5):
     """Rows (sequence, first key, end key, slot) in launch order, and num_splits."""
     blocks = [(n + block - 1) // block for n in lens]
     share = -(-sum(b + overhead for b in blocks) // num_parts)
-    chunk = max(1, min(share, max(-(-share // finer), flash_mla.MIN_SPLIT_BLOCKS)))
+    chunk = max(1, min(share, max(-(-share // finer), min_blocks)))
     n_split = [max(1, -(-b // chunk)) for b in blocks]
     if len(set(blocks)) == 1:
         k = whole_waves_spec(len(lens), slots, len(lens) + num_parts * finer, blocks[0],
-                             flash_mla.MIN_SPLIT_BLOCKS)
+                             min_blocks)
         n_split = [k] * len(lens)
     num_splits = [0]
     for n in n_split:
@@ -182,7 +183,8 @@ def equal_splits_spec(lens, num_parts, finer, slots=None, block=PAGE_SIZE, overh
     return rows, num_splits
 
 
-def shares_spec(lens, num_parts, finer=1, slots=None, block=PAGE_SIZE, overhead=5):
+def shares_spec(lens, num_parts, finer=1, slots=None, min_blocks=None, block=PAGE_SIZE,
+                overhead=5):
     """FlashMLA's plan: rows in batch order, a split's slot is its row."""
     blocks = [(n + block - 1) // block for n in lens]
     payload = -(-sum(b + overhead for b in blocks) // num_parts) + overhead
@@ -218,10 +220,12 @@ def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     parts = rnd.choice([1, 3, 8, 132])
     finer = rnd.choice([1, 3]) if plan == "equal" else 1
     slots = rnd.choice([1, 7, 16, 264])
+    min_blocks = rnd.choice([4, 16, 32])
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
                                         16, 1, num_sm_parts=parts, chunks_per_part=finer,
-                                        num_slots=slots, plan=plan)
-    rows, spec_splits = spec(lens, parts, finer, slots)
+                                        num_slots=slots, min_split_blocks=min_blocks,
+                                        plan=plan)
+    rows, spec_splits = spec(lens, parts, finer, slots, min_blocks)
     assert num_splits.tolist() == spec_splits
     assert meta.shape == (batch + parts * finer, 8)
     assert [tuple(r) for r in meta[:len(rows), :4].tolist()] == rows
@@ -242,23 +246,22 @@ def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     (128, 8192, 264, 2),
     (128, 4096, 132, 1),     # 64 rows: one program per SM, 128 of 132
     (100, 8192, 264, 2),     # 2 and 4 fill 76%; 5 (95%) needs 500 rows, the plan has 496
-    (128, 1000, 264, 1),     # 16 blocks: no split of at least MIN_SPLIT_BLOCKS
+    (128, 1000, 264, 1),     # 16 blocks: no split of at least 32
 ])
 def test_equal_lengths_fill_whole_waves(batch, length, slots, expect):
     """With every length the same, the default plan picks the split count by how full
     the waves of programs are, and cuts every sequence the same way."""
     lens = torch.full((batch,), length, dtype=torch.int32, device=DEV)
     meta, num_splits = get_mla_metadata(lens, 16, 1, num_sm_parts=132, chunks_per_part=3,
-                                        num_slots=slots)
+                                        num_slots=slots, min_split_blocks=32)
     per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
     assert per_seq == [expect] * batch
-    assert whole_waves_spec(batch, slots, batch + 132 * 3, -(-length // 64),
-                            flash_mla.MIN_SPLIT_BLOCKS) == expect
+    assert whole_waves_spec(batch, slots, batch + 132 * 3, -(-length // 64), 32) == expect
     # one length less in one sequence: the rule for varying lengths applies again
     lens[0] -= 64
     _, num_splits = get_mla_metadata(lens, 16, 1, num_sm_parts=132, chunks_per_part=3,
-                                     num_slots=slots)
-    rows, spec_splits = equal_splits_spec(lens.tolist(), 132, 3, slots)
+                                     num_slots=slots, min_split_blocks=32)
+    rows, spec_splits = equal_splits_spec(lens.tolist(), 132, 3, slots, 32)
     assert num_splits.tolist() == spec_splits
 
 

@@ -23,7 +23,6 @@ use it where this script does: on the memory-bound cases.
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -114,30 +113,16 @@ def lanes(sm, t0, t1):
 # ----------------------------------------------------------------------------------------
 # The measurements (GPU).
 
-def plans(num_sms, variants):
-    """(name, get_mla_metadata arguments, MIN_SPLIT_BLOCKS): the default plan first;
-    with --variants also the equal plan with other knobs."""
-    out = [("equal (default)", {}, None), ("shares (FlashMLA's)", {"plan": "shares"}, None)]
+def plans(variants):
+    """(name, get_mla_metadata arguments): the default plan first; with --variants also
+    the equal plan with other knobs."""
+    out = [("equal (default)", {}), ("shares (FlashMLA's)", {"plan": "shares"})]
     if variants:
-        out += [("equal chunks=1", {"chunks_per_part": 1}, None),
-                ("equal min=16", {}, 16),
-                ("equal 2/SM", {"num_sm_parts": 2 * num_sms}, None),
-                ("equal 2/SM chunks=1", {"num_sm_parts": 2 * num_sms, "chunks_per_part": 1},
-                 None),
-                ("equal c6 min=8", {"chunks_per_part": 6}, 8)]
+        out += [("equal c3 min32", {"chunks_per_part": 3, "min_split_blocks": 32}),
+                ("equal c3 min16", {"chunks_per_part": 3, "min_split_blocks": 16}),
+                ("equal c6 min16", {"chunks_per_part": 6, "min_split_blocks": 16}),
+                ("equal c6 min8", {"chunks_per_part": 6, "min_split_blocks": 8})]
     return out
-
-
-@contextlib.contextmanager
-def min_split_blocks(value):
-    import flash_mla
-    old = flash_mla.MIN_SPLIT_BLOCKS
-    if value is not None:
-        flash_mla.MIN_SPLIT_BLOCKS = value
-    try:
-        yield
-    finally:
-        flash_mla.MIN_SPLIT_BLOCKS = old
 
 
 def kernel_us(fn, names, calls=10):
@@ -205,9 +190,8 @@ def main(variants=False):
                 q = torch.randn(128, sq, hq, 576, device="cuda", dtype=torch.bfloat16)
                 _, nbytes = problems.flashmla_flops_bytes(lens, sq, hq, 1)
                 ref = None
-                for name, kw, min_blocks in plans(num_sms, variants):
-                    with min_split_blocks(min_blocks):
-                        meta, ns = get_mla_metadata(cs, rows, 1, **kw)
+                for name, kw in plans(variants):
+                    meta, ns = get_mla_metadata(cs, rows, 1, **kw)
 
                     def run(trace=None):
                         return flash_mla_with_kvcache(q, k_cache, bt, cs, 512, meta, ns,
@@ -231,8 +215,7 @@ def main(variants=False):
                                decode_us=k["_mla_decode_kernel"],
                                combine_us=k["_mla_combine_kernel"], **s)
                     rows_out.append(row)
-                    if (mean, varlen, hq, sq) in draw and not kw.get("num_sm_parts") \
-                            and min_blocks is None and "chunks_per_part" not in kw:
+                    if (mean, varlen, hq, sq) in draw and name in dict(plans(False)):
                         lane = lanes(sm, t0, t1)
                         traces[f"{case} | {name}"] = dict(
                             sm=sm.tolist(), t0=(t0 - t0.min()).tolist(),

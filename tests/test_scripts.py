@@ -46,7 +46,7 @@ def test_gpu_tools_say_why_and_exit_cleanly_without_a_gpu(script, args):
 
 @pytest.mark.skipif(runtime.is_gpu(), reason="checks the no-GPU answer")
 @pytest.mark.parametrize("script", ["lessons/08_flash_v2/launch_cost.py",
-                                    "lessons/09_mla/plan_sweep.py"])
+                                    "lessons/09_mla/timeline.py"])
 def test_lesson_gpu_probes_say_why_and_exit_cleanly_without_a_gpu(script):
     r = _script(script)
     assert r.returncode == 0, r.stderr

@@ -14,12 +14,13 @@ of DeepSeek's FlashMLA:
 A plan and two kernels, in the order they run:
 
 1. ``get_mla_metadata`` plans the work (a few small tensor ops on the device, no host
-   sync): every sequence is cut into equal splits of at most ``chunk`` key blocks, with
-   ``chunk`` = the batch's work / the programs that fit on the GPU at once, and the
-   splits are listed largest first. The hardware starts programs in that order, so the
-   long pieces start early and the short ones fill the gaps at the end: one long and
-   many short sequences finish together. (FlashMLA's own plan, equal *shares* that may
-   end inside a sequence, is ``plan="shares"``: ``_mla_shares_kernel``.)
+   sync): every sequence is cut into equal splits of at most ``chunk`` key blocks, and
+   the splits are listed largest first. The hardware starts programs in that order, so
+   the long pieces start early and the short ones fill the gaps at the end: one long and
+   many short sequences finish together. ``chunk`` comes from a small model of the
+   launch (waves of the programs that run at once, plus what each split's partial
+   output costs). (FlashMLA's own plan, equal *shares* that may end inside a sequence,
+   is ``plan="shares"``: ``_mla_shares_kernel``.)
 2. ``_mla_decode_kernel``: program (m_block, kv head, row of the plan) walks the key
    blocks of its split, page by page. Its BLOCK_M query rows are (seqlen_q x heads of
    one kv head) folded together, so one 64 x 576 tile of the cache, loaded once from
@@ -65,9 +66,9 @@ class MLAConfig(NamedTuple):
     num_warps: int = 8
     num_stages: int = 2
     parts_per_sm: int = 1    # shares of work per SM in the plan (2 if two programs fit)
-    chunks_per_part: int = 1  # finer splits where a sequence exceeds one share (the plan)
     resident_per_sm: int = 1  # programs that run at once on one SM (shared memory, regs)
-    min_split_blocks: int = 32  # no split below this many key blocks (unless a share is)
+    split_cost: float | None = None  # a split's partial output, in key blocks of traffic;
+                                     # None: splits of one share (no model)
 
 
 def default_config(rows: int) -> MLAConfig:
@@ -75,34 +76,27 @@ def default_config(rows: int) -> MLAConfig:
     with ``main.py --sweep`` (results/config_sweep-*.json, H100, batch 128, cache length
     4096) and checked on the whole benchmark, varying lengths included.
 
-    Up to 32 rows (memory-bound): small tiles on the mma.sync path with 4 warps; at 32
-    rows two programs fit per SM. 64 rows and more: BLOCK_M = 64 on Hopper's wgmma with 8
+    Up to 32 rows (memory-bound): small tiles on the mma.sync path with 4 warps, two
+    programs per SM. 64 rows and more: BLOCK_M = 64 on Hopper's wgmma with 8
     warps (FlashMLA's tile); a 64 x 512 fp32 accumulator already takes 128 registers per
     thread, so 128 and 256 rows become 2 and 4 programs that read the same cache tiles
     (the later reads mostly hit L2). 32-row tiles at 64+ rows tie at fixed lengths in the
     sweep but lose 7-30% where lengths vary: twice the programs per split.
 
-    The plan up to 32 rows (memory-bound), where lengths vary: finer splits fill the last
-    wave (timeline.py shows the idle SMs), but each split writes rows x 2 KB of fp32
-    partial output that the combine reads back, rows x 4 KB of traffic, as much as
-    rows / 18 key blocks. So min_split_blocks = rows (the extra traffic stays under 6%),
-    and a chunk of share / chunks_per_part above it: 3 at 16 rows, 6 at 32 rows, where a
-    share is twice as small (two parts per SM). Measured against the earlier 3 chunks and
-    32 blocks for both tiles (timeline.py --variants, CUDA-graph times,
-    results/timeline-*.json): +6.9% at 16 rows, mean 4096, varying lengths; +9.3% and
-    +10.6% at 32 rows, mean 16384, varying; the 15 other memory-bound cases within
-    -1.3%..+0.6%. At 64+ rows finer splits did not help (plan_sweep.py).
+    The plan up to 32 rows (memory-bound) picks its split size with a model of the
+    launch (``_modeled_chunk``): each split writes rows x 2 KB of fp32 partial output that
+    the combine reads back, rows x 4 KB of traffic, so ``split_cost`` = rows / 18 key
+    blocks (a block is 64 x 576 x 2 B = 72 KB). At 64+ rows splits are one share each
+    (FlashMLA's granularity; the model is not measured there).
 
     resident_per_sm: 16- and 32-row programs take 92 and 112 KB of shared memory, so two
     run on each SM (timeline.py measures it: ``resident``); a 64-row program takes 216 KB.
     """
     if rows <= 16:
-        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, chunks_per_part=3, resident_per_sm=2,
-                         min_split_blocks=16)
+        return MLAConfig(16, 512, 4, 2, parts_per_sm=1, resident_per_sm=2, split_cost=16 / 18)
     if rows <= 32:
-        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, chunks_per_part=6, resident_per_sm=2,
-                         min_split_blocks=32)
-    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1, min_split_blocks=32)
+        return MLAConfig(32, 512, 4, 2, parts_per_sm=2, resident_per_sm=2, split_cost=32 / 18)
+    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,53 +108,57 @@ def default_config(rows: int) -> MLAConfig:
 # (FlashMLA's cumulative count), so the combine kernel finds them without the plan.
 # The row order is free, and it is the order in which the hardware starts programs.
 
-def _whole_waves(batch: int, slots: int, max_rows: int, blocks: torch.Tensor,
-                 min_blocks: int):
-    """Splits per sequence when every sequence has the same `blocks` (a 0-d tensor):
-    the k whose batch * k programs fill their waves of `slots` best (fewest splits on a
-    tie), among k = 1..8 that keep splits of at least `min_blocks` blocks.
+def _modeled_chunk(blocks: torch.Tensor, slots: int, split_cost: float):
+    """The split size (in key blocks) that a model of the launch finds fastest.
 
-    k = 2 at batch 128 and 264 slots: 256 programs, one wave 97% full. A chunk of a third
-    of a share would give 3 splits each, 384 programs: 1.45 waves, the second half empty.
-    The waves are known on the host; only the validity of each k needs the length.
+    The model: the plan's pieces, sorted largest first, start in waves of `slots`
+    programs (the programs that run at once), and each wave lasts as long as its largest
+    piece; every piece of a split sequence adds `split_cost` blocks of partial-output
+    traffic, shared by all slots. Candidates run from a quarter of a slot's fair share
+    to twice it (28 sizes); the cheapest wins, the larger on a tie. With equal lengths
+    this fills whole waves (batch 128 on 264 slots: two pieces per sequence, one wave
+    97% full); with varying lengths it avoids a last wave that only a few pieces use.
+    Tensor ops only (a sort, a cumsum and a searchsorted over the candidates): no host
+    sync. ``timeline.py --variants`` compares it with other split sizes.
     """
-    ks = [k for k in range(1, 9) if batch * k <= max_rows]
-    fill = {k: batch * k / (slots * -(-batch * k // slots)) for k in ks}
-    ks.sort(key=lambda k: (-round(fill[k], 3), k))         # best filled first
-    cand = torch.tensor(ks, device=blocks.device)
-    ok = (cand == 1) | ((cand <= blocks) & ((blocks + cand - 1) // cand >= min_blocks))
-    return cand[torch.argmax(ok.int())]                    # the first valid k
+    batch = blocks.shape[0]
+    fair = torch.clamp((blocks.sum() + slots - 1) // slots, min=1)
+    k = torch.arange(32, 3, -1, device=blocks.device)               # largest first
+    cand = torch.clamp((fair * k + 15) // 16, min=1)                 # (K,) 2x .. 1/4 fair
+    n = torch.clamp((blocks[None, :] + cand[:, None] - 1) // cand[:, None], min=1)  # (K, B)
+    size = (blocks[None, :] + n - 1) // n                            # each sequence's piece
+    size, order = torch.sort(size, dim=1, descending=True, stable=True)
+    ends = torch.cumsum(torch.gather(n, 1, order), 1)                # pieces so far
+    waves = (4 * slots + batch + slots - 1) // slots                 # at most this many
+    first = torch.arange(waves, device=blocks.device)[None, :] * slots   # a wave's 1st piece
+    seq = torch.searchsorted(ends, first.expand(len(cand), waves).contiguous(), right=True)
+    wave_len = torch.gather(size, 1, seq.clamp(max=batch - 1)) * (first < ends[:, -1:])
+    cost = wave_len.sum(1) + torch.where(n > 1, n, 0).sum(1) * (split_cost / slots)
+    return cand[torch.argmin(cost)]
 
 
-def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, chunks_per_part: int,
-                       min_blocks: int, slots: int, meta, num_splits):
+def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, slots: int,
+                       split_cost: float | None, meta, num_splits):
     """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
 
-    share = (the batch's key blocks + a fixed cost per sequence) / num_parts: what one
-    of the num_parts programs that run at once would get in a perfect balance.
-    chunk = share / chunks_per_part, but not below min_blocks (nor above share).
+    chunk: the split size from :func:`_modeled_chunk` (up to 32 rows), or one share =
+    (the batch's key blocks + a fixed cost per sequence) / num_parts (64+ rows).
     A sequence of `blocks` key blocks becomes ceil(blocks / chunk) splits of equal size
-    (within one block), so at most batch + num_parts * chunks_per_part splits in all; a
-    sequence that fits in one chunk is not split, and the combine kernel skips it.
-    Sorted by size, largest first, the long pieces start in the first wave and the short
-    ones fill the SMs that free up first.
-    When every sequence has the same length there are no short pieces to fill with: the
-    count of splits is then chosen to fill whole waves of `slots` programs
-    (:func:`_whole_waves`).
+    (within one block); a sequence that fits in one chunk is not split, and the combine
+    kernel skips it. Sorted by size, largest first, the long pieces start in the first
+    wave and the short ones fill the SMs that free up first.
     Tensor ops only: the plan stays on the device, no host sync.
     """
     batch = cache_seqlens.shape[0]
     dev = cache_seqlens.device
     lens = cache_seqlens.long()
     blocks = (lens + PAGE_SIZE - 1) // PAGE_SIZE
-    work = (blocks + FIXED_OVERHEAD_NUM_BLOCKS).sum()
-    share = (work + num_parts - 1) // num_parts
-    finer = torch.clamp((share + chunks_per_part - 1) // chunks_per_part, min=min_blocks)
-    chunk = torch.clamp(torch.minimum(share, finer), min=1)
+    if split_cost is None:
+        work = (blocks + FIXED_OVERHEAD_NUM_BLOCKS).sum()
+        chunk = torch.clamp((work + num_parts - 1) // num_parts, min=1)
+    else:
+        chunk = _modeled_chunk(blocks, slots, split_cost)
     n_split = torch.clamp((blocks + chunk - 1) // chunk, min=1)    # an empty sequence: 1
-    n_split = torch.where(blocks.max() == blocks.min(),
-                          _whole_waves(batch, slots, meta.shape[0], blocks[0], min_blocks),
-                          n_split)
     num_splits[1:] = torch.cumsum(n_split, 0)
 
     # Launch order: sequences by the size of their splits, largest first (stable, so
@@ -248,31 +246,32 @@ PLANS = ("equal", "shares")
 
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
                      num_heads_k: int, *, num_sm_parts: int | None = None,
-                     chunks_per_part: int | None = None, num_slots: int | None = None,
-                     min_split_blocks: int | None = None, plan: str = "equal"):
+                     num_slots: int | None = None, split_cost: float | None = None,
+                     plan: str = "equal"):
     """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
-    (the folded query rows of one kv head). num_sm_parts is how many programs of one
-    (m block, kv head) pair fit on the GPU at once: SMs x programs per SM / heads_k /
-    m blocks. ``plan="equal"`` (default) cuts each sequence into equal splits of at
-    most 1 / (num_sm_parts * chunks_per_part) of the work (but not below
-    min_split_blocks unless a share is smaller), listed largest first, or into the split
-    count that fills whole waves when every length is the same; ``plan="shares"`` is FlashMLA's
-    plan, num_sm_parts equal shares in batch order (see the README for both measured).
-    Both counts come from ``default_config(num_heads_per_head_k)`` unless given.
+    (the folded query rows of one kv head). ``plan="equal"`` (default) cuts each
+    sequence into equal splits, listed largest first: up to 32 rows of the size that a
+    model of the launch finds fastest (``_modeled_chunk``), at 64+ rows of one share;
+    ``plan="shares"`` is FlashMLA's plan, num_sm_parts equal shares in batch order (the
+    README measures both).
+
+    num_sm_parts: the shares (SMs x ``parts_per_sm`` / heads_k / m blocks); num_slots:
+    how many programs of one (m block, kv head) pair run at once (SMs x
+    ``resident_per_sm`` / heads_k / m blocks), the model's waves; split_cost: a split's
+    partial output in key blocks of traffic (the model's penalty; ``None`` at 64+ rows
+    means splits of one share). All three come from ``default_config`` unless given
+    (tests use them to force many splits).
 
     num_splits: int32 (batch + 1,), cumulative: sequence b owns slots num_splits[b] to
     num_splits[b + 1] - 1 (FlashMLA's convention). tile_scheduler_metadata: int32
-    (batch + num_sm_parts * chunks_per_part, 8), one row per split in launch order,
-    [sequence, first key, end key, slot, 0, ...]; rows past the last split hold -1
-    (neither plan makes more splits than that). FlashMLA's rows describe shares and its
-    programs loop over them; ours give each split its own program, because a loop over
-    sequences around the key loop made Triton spill registers (see the README).
-    num_slots: how many programs of one (m block, kv head) pair run at once (SMs x
-    ``resident_per_sm`` / heads_k / m blocks); the default plan fills whole waves of them
-    when every length is the same. ``num_sm_parts``, ``chunks_per_part``, ``num_slots``
-    and ``min_split_blocks`` override the config's (tests use them to force many splits).
+    (batch + 4 x num_slots with the model, else batch + num_sm_parts, 8): one row per
+    split in launch order, [sequence, first key, end key, slot, 0, ...]; rows past the
+    last split hold -1 (no plan makes more splits than that). FlashMLA's rows describe
+    shares and its programs loop over them; ours give each split its own program, because
+    a loop over sequences around the key loop made Triton spill registers (see the
+    README).
     """
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:
         raise ValueError("cache_seqlens must be a 1-D tensor (batch,)")
@@ -285,27 +284,25 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     batch = cache_seqlens.shape[0]
     cfg = default_config(num_heads_per_head_k)
     m_blocks = triton.cdiv(num_heads_per_head_k, cfg.block_m)
+    sms = _num_sm(cache_seqlens.device)
     if num_sm_parts is None:
-        num_sm_parts = max(1, cfg.parts_per_sm * _num_sm(cache_seqlens.device)
-                           // num_heads_k // m_blocks)
+        num_sm_parts = max(1, cfg.parts_per_sm * sms // num_heads_k // m_blocks)
     if num_slots is None:
-        num_slots = max(1, cfg.resident_per_sm * _num_sm(cache_seqlens.device)
-                        // num_heads_k // m_blocks)
-    if chunks_per_part is None:
-        chunks_per_part = cfg.chunks_per_part if plan == "equal" else 1
-    if min_split_blocks is None:
-        min_split_blocks = cfg.min_split_blocks
-    if num_sm_parts < 1 or chunks_per_part < 1 or num_slots < 1 or min_split_blocks < 1:
-        raise ValueError("num_sm_parts, chunks_per_part, num_slots and min_split_blocks "
-                         "must be positive")
+        num_slots = max(1, cfg.resident_per_sm * sms // num_heads_k // m_blocks)
+    if split_cost is None:
+        split_cost = cfg.split_cost
+    if num_sm_parts < 1 or num_slots < 1 or (split_cost is not None and split_cost < 0):
+        raise ValueError("num_sm_parts and num_slots must be positive, split_cost >= 0")
+    modeled = plan == "equal" and split_cost is not None
+    max_splits = batch + (4 * num_slots if modeled else num_sm_parts)
     dev = cache_seqlens.device
-    meta = torch.full((batch + num_sm_parts * chunks_per_part, TILE_SCHEDULER_METADATA_SIZE), -1,
-                      dtype=torch.int32, device=dev)
+    meta = torch.full((max_splits, TILE_SCHEDULER_METADATA_SIZE), -1, dtype=torch.int32,
+                      device=dev)
     meta[:, 4:] = 0
     num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     if batch > 0 and plan == "equal":
-        _plan_equal_splits(cache_seqlens, num_sm_parts, chunks_per_part, min_split_blocks,
-                           num_slots, meta, num_splits)
+        _plan_equal_splits(cache_seqlens, num_sm_parts, num_slots,
+                           split_cost if modeled else None, meta, num_splits)
     elif batch > 0:
         _mla_shares_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
                                  num_sm_parts, BLOCK_N=PAGE_SIZE,

@@ -121,7 +121,6 @@ def sweep(batch=128, mean=4096, ceilings=None):
         k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16, seed=mean)
         for sq, hq in SWEEP_CASES:
             rows = sq * hq
-            chunks = flash_mla.default_config(rows).chunks_per_part  # the plan's, not a tile's
             q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
             flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
             meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
@@ -131,10 +130,10 @@ def sweep(batch=128, mean=4096, ceilings=None):
                 if rows >= 64 and cfg0.block_m < 32 or rows > 64 and cfg0.block_m == 16:
                     continue
                 for per_sm in ((1, 2) if cfg0.block_m <= 32 and rows <= 32 else (1,)):
-                    cfg = cfg0._replace(parts_per_sm=per_sm, chunks_per_part=chunks)
-                    parts = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
-                    meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=parts,
-                                                chunks_per_part=chunks)
+                    cfg = cfg0._replace(parts_per_sm=per_sm, resident_per_sm=per_sm)
+                    slots = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
+                    meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=slots,
+                                                num_slots=slots)
 
                     def run():
                         return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,

@@ -1,5 +1,5 @@
 """FlashMLA's benchmark problems: lengths, a paged cache, the byte and FLOP formulas, and
-the torch peer. Shared by main.py (--bench, --sweep), plan_sweep.py and timeline.py."""
+the torch peer. Shared by main.py (--bench, --sweep) and timeline.py."""
 
 import random
 

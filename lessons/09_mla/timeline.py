@@ -118,10 +118,9 @@ def plans(variants):
     the equal plan with other knobs."""
     out = [("equal (default)", {}), ("shares (FlashMLA's)", {"plan": "shares"})]
     if variants:
-        out += [("equal c3 min32", {"chunks_per_part": 3, "min_split_blocks": 32}),
-                ("equal c3 min16", {"chunks_per_part": 3, "min_split_blocks": 16}),
-                ("equal c6 min16", {"chunks_per_part": 6, "min_split_blocks": 16}),
-                ("equal c6 min8", {"chunks_per_part": 6, "min_split_blocks": 8})]
+        out += [("equal, no split cost", {"split_cost": 0.0}),
+                ("equal, split cost x2", {"split_cost": "x2"}),
+                ("equal, split cost x4", {"split_cost": "x4"})]
     return out
 
 
@@ -191,6 +190,8 @@ def main(variants=False):
                 _, nbytes = problems.flashmla_flops_bytes(lens, sq, hq, 1)
                 ref = None
                 for name, kw in plans(variants):
+                    if isinstance(kw.get("split_cost"), str):     # a multiple of the default
+                        kw = dict(kw, split_cost=cfg.split_cost * float(kw["split_cost"][1:]))
                     meta, ns = get_mla_metadata(cs, rows, 1, **kw)
 
                     def run(trace=None):

@@ -83,11 +83,13 @@ def default_config(rows: int) -> MLAConfig:
     (the later reads mostly hit L2). 32-row tiles at 64+ rows tie at fixed lengths in the
     sweep but lose 7-30% where lengths vary: twice the programs per split.
 
-    The plan up to 32 rows (memory-bound) picks its split size with a model of the
-    launch (``_modeled_chunk``): each split writes rows x 2 KB of fp32 partial output that
-    the combine reads back, rows x 4 KB of traffic, so ``split_cost`` = rows / 18 key
-    blocks (a block is 64 x 576 x 2 B = 72 KB). At 64+ rows splits are one share each
-    (FlashMLA's granularity; the model is not measured there).
+    The plan up to 64 rows picks its split size with a model of the launch
+    (``_modeled_chunk``): each split writes BLOCK_M x 2 KB of fp32 partial output that
+    the combine reads back, BLOCK_M x 4 KB of traffic, so ``split_cost`` = BLOCK_M / 18
+    key blocks (a block is 64 x 576 x 2 B = 72 KB). Above 64 rows, where 2 or 4 programs
+    of 64 rows read the same tiles, splits are one share each: the model lost 2-8% there
+    with varying lengths at mean 4096/8192 (results/plan_model_64rows-*.json), and gained
+    1-11% at 64 rows.
 
     resident_per_sm: 16- and 32-row programs take 92 and 112 KB of shared memory, so two
     run on each SM (timeline.py measures it: ``resident``); a 64-row program takes 216 KB.
@@ -96,7 +98,8 @@ def default_config(rows: int) -> MLAConfig:
         return MLAConfig(16, 512, 4, 2, parts_per_sm=1, resident_per_sm=2, split_cost=16 / 18)
     if rows <= 32:
         return MLAConfig(32, 512, 4, 2, parts_per_sm=2, resident_per_sm=2, split_cost=32 / 18)
-    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1)
+    return MLAConfig(64, 512, 8, 2, parts_per_sm=1, resident_per_sm=1,
+                     split_cost=64 / 18 if rows <= 64 else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,8 +144,8 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, slots: int,
                        split_cost: float | None, meta, num_splits):
     """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
 
-    chunk: the split size from :func:`_modeled_chunk` (up to 32 rows), or one share =
-    (the batch's key blocks + a fixed cost per sequence) / num_parts (64+ rows).
+    chunk: the split size from :func:`_modeled_chunk` (up to 64 rows), or one share =
+    (the batch's key blocks + a fixed cost per sequence) / num_parts (above).
     A sequence of `blocks` key blocks becomes ceil(blocks / chunk) splits of equal size
     (within one block); a sequence that fits in one chunk is not split, and the combine
     kernel skips it. Sorted by size, largest first, the long pieces start in the first
@@ -252,16 +255,16 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
     (the folded query rows of one kv head). ``plan="equal"`` (default) cuts each
-    sequence into equal splits, listed largest first: up to 32 rows of the size that a
-    model of the launch finds fastest (``_modeled_chunk``), at 64+ rows of one share;
+    sequence into equal splits, listed largest first: up to 64 rows of the size that a
+    model of the launch finds fastest (``_modeled_chunk``), above that of one share;
     ``plan="shares"`` is FlashMLA's plan, num_sm_parts equal shares in batch order (the
     README measures both).
 
     num_sm_parts: the shares (SMs x ``parts_per_sm`` / heads_k / m blocks); num_slots:
     how many programs of one (m block, kv head) pair run at once (SMs x
     ``resident_per_sm`` / heads_k / m blocks), the model's waves; split_cost: a split's
-    partial output in key blocks of traffic (the model's penalty; ``None`` at 64+ rows
-    means splits of one share). All three come from ``default_config`` unless given
+    partial output in key blocks of traffic (the model's penalty; ``None``, the config's
+    choice above 64 rows, means splits of one share). All three come from ``default_config`` unless given
     (tests use them to force many splits).
 
     num_splits: int32 (batch + 1,), cumulative: sequence b owns slots num_splits[b] to

@@ -221,7 +221,7 @@ def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     parts = rnd.choice([1, 3, 8, 132])
     slots = rnd.choice([1, 7, 16, 264])
     cost = rnd.choice([None, 0.0, 16 / 18, 4.0]) if plan == "equal" else None
-    rows_q = 64 if cost is None else 16          # 64 rows: the config's rule is one share
+    rows_q = 128 if cost is None else 16         # 128 rows: the config's rule is one share
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
                                         rows_q, 1, num_sm_parts=parts, num_slots=slots,
                                         split_cost=cost, plan=plan)
@@ -280,7 +280,7 @@ def test_equal_plan_balances_one_long_and_many_short():
     are launched first. (FlashMLA's shares cut short sequences too, in batch order.)"""
     lens = [64 * 20] * 31 + [64 * 400]
     meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                        64, 1, num_sm_parts=32)   # 64 rows: one-share splits
+                                        128, 1, num_sm_parts=32)  # 128 rows: one-share splits
     rows = meta[:int(num_splits[-1])].tolist()
     sizes = [(r[2] - r[1] + 63) // 64 for r in rows]
     per_seq = (num_splits[1:] - num_splits[:-1]).tolist()

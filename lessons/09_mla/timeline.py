@@ -10,9 +10,10 @@ and varying) and each work plan below, it measures
 - the two kernels apart (``torch.profiler``): the decode kernel and the combine,
 - one traced call: every decode program records its SM and its start and end on the GPU's
   global timer (``flash_mla_with_kvcache(..., trace=...)``), and ``summarize`` turns that
-  into how busy the SMs were, when the first SM ran out of work (the tail), and a fit of
-  each program's duration against its key blocks (a fixed cost per program + a cost per
-  block).
+  into how busy the SMs were, when the first SM ran out of work (the tail), and how many
+  programs shared an SM. (Per-program durations are not fitted to a cost per block: with
+  two programs per SM sharing the bandwidth, and lone programs at the end running faster,
+  such a fit mixes the three regimes.)
 Prints one table; writes results/timeline-<gpu>.json (summaries, and the raw trace of the
 drawn cases) and results/timeline-<gpu>.png (the drawn cases' timelines).
 
@@ -45,8 +46,7 @@ def summarize(sm, t0, t1, blocks, num_sms):
     span_us (first start to last end), busy (the SMs' busy time / (num_sms x span)),
     first_idle_us (when the first SM had no program left; SMs that got none count as 0),
     tail_us (span - first_idle), start_us (the last SM's first start), resident (most
-    programs running at once on one SM), fixed_us and per_block_us (least-squares fit of
-    each program's duration), programs (with work).
+    programs running at once on one SM), programs (with work).
     """
     sm, t0, t1, blocks = (np.asarray(x, dtype=np.int64) for x in (sm, t0, t1, blocks))
     origin = t0.min()
@@ -80,17 +80,10 @@ def summarize(sm, t0, t1, blocks, num_sms):
             now += d
             resident = max(resident, now)
     first_idle = min(last_end) - origin
-    dur = (t1 - t0)[work] / 1e3
-    nb = blocks[work].astype(np.float64)
-    if work.sum() >= 2 and nb.std() > 0:
-        per_block, fixed = np.polyfit(nb, dur, 1)
-    else:
-        per_block = fixed = float("nan")
     return dict(span_us=span / 1e3, busy=busy / (num_sms * span),
                 first_idle_us=first_idle / 1e3, tail_us=(span - first_idle) / 1e3,
                 start_us=(max(first_start) - origin) / 1e3 if first_start else 0.0,
-                resident=int(resident), fixed_us=float(fixed), per_block_us=float(per_block),
-                programs=int(work.sum()))
+                resident=int(resident), programs=int(work.sum()))
 
 
 def lanes(sm, t0, t1):
@@ -177,7 +170,7 @@ def main(variants=False):
     header = (f"{'case':>22} {'plan':>20} {'GB/s':>6} {'call':>6} {'graph':>6} {'host':>5} "
               f"{'decode':>6} "
               f"{'comb.':>5} {'span':>6} {'busy':>5} {'1st idle':>8} {'tail':>5} "
-              f"{'start':>5} {'res':>3} {'fixed':>5} {'/block':>6} {'progs':>5}")
+              f"{'start':>5} {'res':>3} {'progs':>5}")
     print(header)
     for mean in (4096, 8192, 16384):
         for varlen in (False, True):
@@ -227,7 +220,6 @@ def main(variants=False):
                           f"{row['decode_us']:6.1f} {row['combine_us']:5.1f} "
                           f"{s['span_us']:6.1f} {s['busy']:5.2f} {s['first_idle_us']:8.1f} "
                           f"{s['tail_us']:5.1f} {s['start_us']:5.1f} {s['resident']:3d} "
-                          f"{s['fixed_us']:5.1f} {s['per_block_us']:6.2f} "
                           f"{s['programs']:5d}", flush=True)
             del k_cache, bt
             torch.cuda.empty_cache()

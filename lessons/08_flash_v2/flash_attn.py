@@ -805,9 +805,9 @@ class _Problem:
     """Shapes and strides of one call, batched or packed, in the kernels' terms."""
 
     def __init__(self, q, k, v, softmax_scale, causal, cu_q=None, cu_k=None,
-                 max_sq=None, max_sk=None):
+                 max_sq=None, max_sk=None, *, window=(-1, -1), softcap=0.0,
+                 alibi_slopes=None):
         self.varlen = cu_q is not None
-        self.causal = bool(causal)
         self.d = q.shape[-1]
         self.block_d = triton.next_power_of_2(self.d)  # 96 -> 128: masks/TMA pad the tile
         self.hq, self.hk = q.shape[-2], k.shape[-2]
@@ -818,6 +818,28 @@ class _Problem:
         else:
             self.batch, self.sq, self.sk = q.shape[0], q.shape[1], k.shape[1]
         self.scale = float(self.d ** -0.5 if softmax_scale is None else softmax_scale)
+        # flash-attn 2.8.3's host normalisation (flash_api.cpp mha_fwd/mha_varlen_fwd, then
+        # set_params_fprop); seqlen_k is max_seqlen_k for varlen
+        wl, wr = (int(w) for w in window)
+        if wl >= self.sk:
+            wl = -1
+        if wr >= self.sk:
+            wr = -1
+        if self.sq == 1 and alibi_slopes is None:  # the same mask, and the faster kernel
+            causal = False
+        if causal:
+            wr = 0
+        self.causal = wl < 0 and wr == 0         # causal and window (-1, 0) are one mask
+        self.local = (wl >= 0 or wr >= 0) and not self.causal
+        if wl < 0 and wr >= 0:                   # one side unbounded: seqlen_k wide
+            wl = self.sk
+        if wl >= 0 and wr < 0:
+            wr = self.sk
+        self.window = (wl, wr)
+        self.softcap = float(softcap)
+        self.alibi = alibi_slopes
+        if self.local or self.softcap > 0 or alibi_slopes is not None:
+            raise NotImplementedError("window_size, softcap and alibi_slopes: not yet")
         dummy = _dummy_cu(q.device)
         self.cu_q = cu_q if self.varlen else dummy
         self.cu_k = cu_k if self.varlen else dummy

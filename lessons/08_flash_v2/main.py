@@ -45,7 +45,7 @@ from common.timing import bench, host_us, tflops  # noqa: E402
 import flash_ablation  # noqa: E402
 import flash_compile_cache  # noqa: E402
 import flash_attn as fa  # noqa: E402
-from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from flash_attn_interface import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
 LESSON = "08_flash_v2"
 console = Console()

@@ -18,7 +18,7 @@ from common.reference import attention_ref, attention_varlen_ref
 
 import flash_ablation
 import flash_attn as fa
-from flash_attn import flash_attn_func, flash_attn_varlen_func
+from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 
 DEV = runtime.torch_device()
 GPU = runtime.is_gpu()
@@ -77,7 +77,8 @@ def check_batched(b, sq, sk, hq, hk, d, causal, dtype, seed=0, scale=None, layou
     dout = _rand(q.shape, dtype, gen)
 
     def ours(q_, k_, v_, c):
-        return flash_attn_func(q_, k_, v_, softmax_scale=scale, causal=c, return_lse=True)
+        return flash_attn_func(q_, k_, v_, softmax_scale=scale, causal=c,
+                               return_attn_probs=True)[:2]
 
     def ref(q_, k_, v_, c, cdt):
         return attention_ref(q_, k_, v_, softmax_scale=scale, causal=c, compute_dtype=cdt)
@@ -96,7 +97,7 @@ def check_varlen(lens_q, lens_k, hq, hk, d, causal, dtype, seed=0):
 
     def ours(q_, k_, v_, c):
         return flash_attn_varlen_func(q_, k_, v_, cu_q, cu_k, max(lens_q), max(lens_k),
-                                      causal=c, return_lse=True)
+                                      causal=c, return_attn_probs=True)[:2]
 
     def ref(q_, k_, v_, c, cdt):
         return attention_varlen_ref(q_, k_, v_, cu_q, cu_k, causal=c, compute_dtype=cdt)
@@ -143,11 +144,12 @@ def test_lse_is_natural_log_and_not_differentiable():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (_rand((1, 5, 1, 32), torch.bfloat16, gen) for _ in range(3))
     q.requires_grad_()
-    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    out, lse, probs = flash_attn_func(q, k, v, return_attn_probs=True)
+    assert probs is None  # flash-attn returns probabilities only with dropout
     s = torch.einsum("bqhd,bkhd->bhqk", q.detach().float(), k.float()) * 32 ** -0.5
     assert_close(lse, torch.logsumexp(s, -1), atol=1e-3, rtol=1e-3)
     assert out.requires_grad and not lse.requires_grad
-    assert flash_attn_func(q, k, v).shape == q.shape  # return_lse=False: just out
+    assert flash_attn_func(q, k, v).shape == q.shape  # return_attn_probs=False: just out
 
 
 def test_empty_inputs_launch_nothing(monkeypatch):
@@ -158,11 +160,11 @@ def test_empty_inputs_launch_nothing(monkeypatch):
     assert flash_attn_func(z, z, z).shape == (0, 4, 2, 32)
     q = torch.randn(2, 0, 2, 32, device=DEV).bfloat16()
     k = torch.randn(2, 5, 2, 32, device=DEV).bfloat16()
-    out, lse = flash_attn_func(q, k, k, return_lse=True)
+    out, lse, _ = flash_attn_func(q, k, k, return_attn_probs=True)
     assert out.shape == q.shape and lse.shape == (2, 2, 0)
     q = torch.randn(2, 3, 2, 32, device=DEV).bfloat16()
     k = torch.randn(2, 0, 2, 32, device=DEV).bfloat16()
-    out, lse = flash_attn_func(q, k, k, return_lse=True)  # no keys: zeros and +inf
+    out, lse, _ = flash_attn_func(q, k, k, return_attn_probs=True)  # no keys: zeros and +inf
     assert (out == 0).all() and torch.isposinf(lse).all()
 
 
@@ -198,6 +200,8 @@ def test_bad_batched_inputs_are_rejected(monkeypatch):
 
 
 def test_bad_varlen_inputs_are_rejected(monkeypatch):
+    """Shapes and dtypes: on the host, before any launch. (The *values* of cu_seqlens are
+    checked on the device: test_flash_interface.py.)"""
     t = _bad(monkeypatch)
     q, k = t(10, 2, 32), t(12, 2, 32)
     cu_q = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEV)
@@ -206,16 +210,10 @@ def test_bad_varlen_inputs_are_rejected(monkeypatch):
     flash_ablation  # (imported: the module must import cleanly everywhere)
     cases = [
         ((q, k, k, cu_q.long(), cu_k), ok, TypeError, "int32"),
-        ((q, k, k, torch.tensor([0, 6, 4, 10], dtype=torch.int32, device=DEV), cu_k), ok,
-         ValueError, "non-decreasing"),
-        ((q, k, k, torch.tensor([0, 4, 9], dtype=torch.int32, device=DEV), cu_k), ok,
-         ValueError, "packed length"),
-        ((q, k, k, torch.tensor([1, 4, 10], dtype=torch.int32, device=DEV), cu_k), ok,
-         ValueError, "start at 0"),
         ((q, k, k, cu_q, torch.tensor([0, 12], dtype=torch.int32, device=DEV)),
          dict(max_seqlen_q=6, max_seqlen_k=12),
          ValueError, "different batch"),
-        ((q, k, k, cu_q, cu_k), dict(max_seqlen_q=5, max_seqlen_k=7), ValueError, "max_seqlen"),
+        ((q, k, k, cu_q, cu_k), dict(max_seqlen_q=-1, max_seqlen_k=7), ValueError, "max_seqlen_q"),
         ((q[None], k, k, cu_q, cu_k), ok, ValueError, "3-D"),
         ((q, k, t(11, 2, 32), cu_q, cu_k), ok, ValueError, "token counts"),
     ]

@@ -5,6 +5,8 @@
     python lessons/08_flash_v2/main.py --ablation   v1 -> v2, one measured step at a time
     python lessons/08_flash_v2/main.py --sweep      TFLOPS of every tile in the tuning set
     python lessons/08_flash_v2/main.py --launch-overhead   seqlen 512/1024: eager vs CUDA graph
+    python lessons/08_flash_v2/main.py --features   what each flash-attn option costs
+    python lessons/08_flash_v2/main.py --model      a transformers Llama on our kernels vs sdpa
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
@@ -21,6 +23,12 @@ def _extra(parser):
                         help="seqlen 512 and 1024: eager launch vs CUDA graph, host time per call")
     parser.add_argument("--sweep-kernels", default="fwd,dkdv,dq",
                         help="with --sweep: which kernels (comma-separated)")
+    parser.add_argument("--features", action="store_true",
+                        help="the cost of each flash-attn option (window, softcap, ALiBi, head "
+                             "dims 80/160/192) beside the plain kernel and SDPA (GPU only)")
+    parser.add_argument("--model", action="store_true",
+                        help="a randomly initialised transformers Llama: training and generate "
+                             "tokens/s on our kernels vs sdpa")
     parser.add_argument("--quick", action="store_true",
                         help="with --bench: fewer sequence lengths (a smoke run)")
 
@@ -203,6 +211,115 @@ def run_bench(quick=False):
     console.print(f"saved {path}")
     console.print(f"autotuner's choices: {fa.best_tiles()}")
     plot_bench(report.to_dict(), path.with_suffix(".png"))
+
+
+# ======================================================================================
+# --features: what each of flash-attn's options costs, beside the plain kernel
+# ======================================================================================
+
+def _visible_pairs(sq, sk, causal, window):
+    """(query, key) pairs a call attends to: the FLOPs that are useful work."""
+    i = torch.arange(sq, dtype=torch.float64)[:, None]
+    j = torch.arange(sk, dtype=torch.float64)[None, :]
+    d = j - (i + sk - sq)
+    left, right = window
+    if causal:
+        right = 0
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        keep &= d >= -left
+    if right >= 0:
+        keep &= d <= right
+    return int(keep.sum())
+
+
+def _sdpa_masked(causal, window, alibi):
+    """SDPA with an explicit mask/bias: what a user without flash-attn would call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    cache = {}
+
+    def run(q, k, v, _causal):
+        sq, sk = q.shape[1], k.shape[1]
+        if "bias" not in cache:
+            i = torch.arange(sq, device=q.device)[:, None]
+            j = torch.arange(sk, device=q.device)[None, :]
+            d = j - (i + sk - sq)
+            keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+            left, right = window
+            right = 0 if causal else right
+            if left >= 0:
+                keep &= d >= -left
+            if right >= 0:
+                keep &= d <= right
+            bias = torch.zeros(sq, sk, device=q.device).masked_fill(~keep, float("-inf"))
+            if alibi is not None:
+                bias = bias - alibi[:, None, None] * d.abs()[None]
+            cache["bias"] = bias.to(q.dtype)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                        attn_mask=cache["bias"]).transpose(1, 2)
+    return run
+
+
+def run_features(seqlen=8192):
+    """Each option of flash_attn_func at the papers' shape (16k tokens, hidden 2048),
+    timed as a user's default call (eager, autotuned), beside the plain kernel and the
+    closest SDPA call in the same run. TFLOPS count only the (query, key) pairs the
+    option leaves visible, so a window's speed-up shows as time, not as TFLOPS."""
+    from torch.nn.attention import SDPBackend
+    report = BenchReport(LESSON, "features", "TFLOPS",
+                         f"flash-attn's options at seqlen {seqlen}, 16k tokens, hidden 2048, "
+                         "bf16 (TFLOPS of the visible pairs)")
+    alibi_of = lambda h: (2.0 ** (-8.0 * torch.arange(1, h + 1) / h)).cuda()  # noqa: E731
+    cases = [  # (label, headdim, causal, window, softcap, alibi)
+        ("plain", 128, False, (-1, -1), 0.0, False),
+        ("plain causal", 128, True, (-1, -1), 0.0, False),
+        ("window (4096, 0)", 128, False, (4096, 0), 0.0, False),
+        ("window (1024, 0)", 128, False, (1024, 0), 0.0, False),
+        ("window (512, 512)", 128, False, (512, 512), 0.0, False),
+        ("softcap 50", 128, False, (-1, -1), 50.0, False),
+        ("softcap 50 causal", 128, True, (-1, -1), 50.0, False),
+        ("ALiBi causal", 128, True, (-1, -1), 0.0, True),
+        ("headdim 64", 64, True, (-1, -1), 0.0, False),
+        ("headdim 80", 80, True, (-1, -1), 0.0, False),
+        ("headdim 160", 160, True, (-1, -1), 0.0, False),
+        ("headdim 192", 192, True, (-1, -1), 0.0, False),
+        ("headdim 256", 256, True, (-1, -1), 0.0, False),
+    ]
+    for mode in ("fwd", "fwd_bwd"):
+        for label, d, causal, window, softcap, alibi in cases:
+            b, h = 16384 // seqlen, max(1, 2048 // d)
+            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(3))
+            slopes = alibi_of(h) if alibi else None
+            pairs = _visible_pairs(seqlen, seqlen, causal, window)
+            flops = 4.0 * b * h * d * pairs * (3.5 if mode == "fwd_bwd" else 1.0)
+            case = {"mode": mode, "option": label, "headdim": d, "seqlen": seqlen}
+            ours = lambda q_, k_, v_, c, w=window, sc=softcap, sl=slopes: flash_attn_func(  # noqa: E731
+                q_, k_, v_, causal=c, window_size=w, softcap=sc, alibi_slopes=sl)
+            impls = [("triton FA2 (ours)", ours, False)]
+            if window == (-1, -1) and softcap == 0.0 and not alibi:
+                impls += [("SDPA flash (FA2)", _sdpa(SDPBackend.FLASH_ATTENTION), True),
+                          ("SDPA cuDNN", _sdpa(SDPBackend.CUDNN_ATTENTION), True)]
+            elif softcap == 0.0:
+                impls += [("SDPA + mask/bias", _sdpa_masked(causal, window, slopes), True)]
+            line = []
+            for name, fn, peer in impls:
+                try:
+                    t = _time_attention(fn, q, k, v, causal, mode)
+                except (RuntimeError, NotImplementedError) as e:
+                    console.print(f"[yellow]{name} {case}: {str(e)[:160]}[/yellow]")
+                    t = None
+                val = tflops(flops, t.median_ms) if t else None
+                report.add(case, name, t, val, peer=peer)
+                line.append(f"{name} {t.median_ms if t else float('nan'):.3f} ms "
+                            f"({val or 0:.0f})")
+            console.print(f"{mode} {label}: " + ", ".join(line))
+            del q, k, v
+        path = report.save()
+    report.print()
+    console.print(f"saved {path}")
 
 
 def run_launch_overhead(seqlens=(512, 1024)):
@@ -471,11 +588,17 @@ def _time_bwd_kernel(which, do, q, k, v, out, lse, delta, p, tile):
 
 
 if __name__ == "__main__":
-    if (args.ablation or args.sweep or args.launch_overhead) and runtime.is_emulated():
-        print("--ablation, --sweep and --launch-overhead time kernels: they need a GPU. "
-              "Nothing to do.")
+    if (args.ablation or args.sweep or args.launch_overhead or args.features) \
+            and runtime.is_emulated():
+        print("--ablation, --sweep, --launch-overhead and --features time kernels: they need "
+              "a GPU. Nothing to do.")
         sys.exit(0)
-    if args.bench:
+    if args.model:
+        import llama_on_flash
+        llama_on_flash.run_model_mode(console)
+    elif args.features:
+        run_features()
+    elif args.bench:
         run_bench(quick=args.quick)
     elif args.ablation:
         run_ablation()

@@ -190,7 +190,8 @@ def test_bad_batched_inputs_are_rejected(monkeypatch):
         ((q, q, t(1, 9, 4, 64)), ValueError, "seqlens"),
         ((q, q.half(), q), TypeError, "dtype"),
         ((q.float(), q.float(), q.float()), TypeError, "not supported"),
-        ((t(1, 8, 4, 48), t(1, 8, 4, 48), t(1, 8, 4, 48)), ValueError, "headdim 48"),
+        ((t(1, 8, 4, 257), t(1, 8, 4, 257), t(1, 8, 4, 257)), ValueError, "headdim 257"),
+        ((t(1, 8, 4, 0), t(1, 8, 4, 0), t(1, 8, 4, 0)), ValueError, "headdim 0"),
         ((t(1, 8, 64, 4).transpose(-1, -2), q, q), ValueError, "contiguous last"),
         (([1.0], q, q), TypeError, "torch.Tensor"),
     ]

@@ -39,6 +39,7 @@ unnormalised output, exp2 with log2(e) folded into the scale.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 from common import runtime  # before triton: selects GPU or the interpreter
@@ -137,11 +138,11 @@ def _modeled_chunk(blocks: torch.Tensor, slots: int, split_cost: float):
     seq = torch.searchsorted(ends, first.expand(len(cand), waves).contiguous(), right=True)
     wave_len = torch.gather(size, 1, seq.clamp(max=batch - 1)) * (first < ends[:, -1:])
     cost = wave_len.sum(1) + torch.where(n > 1, n, 0).sum(1) * (split_cost / slots)
-    return cand[torch.argmin(cost)]
+    return cand.gather(0, torch.argmin(cost).view(1))    # (1,): gather, not .item()
 
 
 def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, slots: int,
-                       split_cost: float | None, meta, num_splits):
+                       split_cost: float | None, meta, num_splits, max_seqlen_k: int):
     """Equal splits, largest first (flash-decoding's cut, longest-processing-time order).
 
     chunk: the split size from :func:`_modeled_chunk` (up to 64 rows), or one share =
@@ -154,7 +155,9 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, slots: int,
     """
     batch = cache_seqlens.shape[0]
     dev = cache_seqlens.device
-    lens = cache_seqlens.long()
+    # Lengths clamped to [0, max_seqlen_k] (the decode kernel clamps the same way): a
+    # negative or huge value cannot make more splits than the metadata has rows.
+    lens = cache_seqlens.long().clamp(0, max_seqlen_k)
     blocks = (lens + PAGE_SIZE - 1) // PAGE_SIZE
     if split_cost is None:
         work = (blocks + FIXED_OVERHEAD_NUM_BLOCKS).sum()
@@ -184,27 +187,29 @@ def _plan_equal_splits(cache_seqlens: torch.Tensor, num_parts: int, slots: int,
 
 
 @triton.jit
-def _mla_shares_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
+def _mla_shares_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts, max_rows,
                        BLOCK_N: tl.constexpr, OVERHEAD: tl.constexpr, BLOCK_B: tl.constexpr,
                        META: tl.constexpr):
     """FlashMLA's plan (``plan="shares"``), kept to compare: num_parts equal shares of
-    work in batch order; a share that ends inside a sequence splits it."""
+    work in batch order; a share that ends inside a sequence splits it. The lengths it
+    gets are clamped to >= 0 (by the caller); counts are int64 and no row at or past
+    max_rows is written, whatever the lengths."""
     # Total work in blocks of BLOCK_N keys, plus a fixed overhead per sequence (loading
     # its queries, writing its output) so that empty sequences still cost something.
-    total = 0
+    total = tl.full([], 0, tl.int64)
     for start in range(0, batch, BLOCK_B):
         offs = start + tl.arange(0, BLOCK_B)
-        n = tl.load(seqlens_ptr + offs, mask=offs < batch, other=0)
+        n = tl.load(seqlens_ptr + offs, mask=offs < batch, other=0).to(tl.int64)
         total += tl.sum(tl.where(offs < batch, (n + BLOCK_N - 1) // BLOCK_N + OVERHEAD, 0))
     payload = (total + num_parts - 1) // num_parts + OVERHEAD
 
     # Walk the sequences once, handing each part `payload` blocks. A part that cannot
     # take all of a sequence's remaining blocks takes what fits, and the sequence gets
     # one more split. Rows are in sequence order, so a split's slot is its row.
-    now_idx = batch * 0          # the sequence being handed out (int32 scalars)
-    now_block = batch * 0        # its first block not yet handed out
-    now_split = batch * 0        # how many of its splits were handed out already
-    cum_splits = batch * 0       # splits of the sequences before it = its first row
+    now_idx = batch * 0                    # the sequence being handed out
+    now_block = tl.full([], 0, tl.int64)   # its first block not yet handed out
+    now_split = batch * 0                  # how many of its splits were handed out already
+    cum_splits = batch * 0                 # splits of the sequences before it = its first row
     tl.store(num_splits_ptr, cum_splits)
     for part in range(num_parts):
         remain = payload
@@ -214,11 +219,12 @@ def _mla_shares_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
             rest = (seqlen + BLOCK_N - 1) // BLOCK_N - now_block
             slot = cum_splits + now_split
             row = meta_ptr + slot * META
+            in_meta = slot < max_rows
             if remain >= rest + OVERHEAD:        # the rest of this sequence fits
-                tl.store(row + 0, now_idx)
-                tl.store(row + 1, now_block * BLOCK_N)
-                tl.store(row + 2, seqlen)
-                tl.store(row + 3, slot)
+                tl.store(row + 0, now_idx, mask=in_meta)
+                tl.store(row + 1, now_block * BLOCK_N, mask=in_meta)
+                tl.store(row + 2, seqlen, mask=in_meta)
+                tl.store(row + 3, slot, mask=in_meta)
                 cum_splits += now_split + 1
                 tl.store(num_splits_ptr + now_idx + 1, cum_splits)
                 remain -= rest + OVERHEAD
@@ -228,10 +234,10 @@ def _mla_shares_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, batch, num_parts,
                 go = now_idx < batch
             else:                                # take what fits: one more split
                 if remain - OVERHEAD > 0:
-                    tl.store(row + 0, now_idx)
-                    tl.store(row + 1, now_block * BLOCK_N)
-                    tl.store(row + 2, (now_block + remain - OVERHEAD) * BLOCK_N)
-                    tl.store(row + 3, slot)
+                    tl.store(row + 0, now_idx, mask=in_meta)
+                    tl.store(row + 1, now_block * BLOCK_N, mask=in_meta)
+                    tl.store(row + 2, (now_block + remain - OVERHEAD) * BLOCK_N, mask=in_meta)
+                    tl.store(row + 3, slot, mask=in_meta)
                     now_block += remain - OVERHEAD
                     now_split += 1
                     remain = remain * 0
@@ -247,11 +253,38 @@ def _num_sm(device: torch.device) -> int:
 PLANS = ("equal", "shares")
 
 
-def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
-                     num_heads_k: int, *, num_sm_parts: int | None = None,
-                     num_slots: int | None = None, split_cost: float | None = None,
-                     plan: str = "equal"):
-    """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)``.
+def _plan_params(batch: int, rows: int, heads_k: int, device: torch.device,
+                 num_sm_parts=None, num_slots=None, split_cost=None, plan="equal"):
+    """The plan's knobs and its metadata's row count (what the fake op needs too)."""
+    cfg = default_config(rows)
+    m_blocks = triton.cdiv(rows, cfg.block_m)
+    sms = _num_sm(device)
+    if num_sm_parts is None:
+        num_sm_parts = max(1, cfg.parts_per_sm * sms // heads_k // m_blocks)
+    if num_slots is None:
+        num_slots = max(1, cfg.resident_per_sm * sms // heads_k // m_blocks)
+    if split_cost is None:
+        split_cost = cfg.split_cost
+    if num_sm_parts < 1 or num_slots < 1 or (split_cost is not None and split_cost < 0):
+        raise ValueError("num_sm_parts and num_slots must be positive, split_cost >= 0")
+    modeled = plan == "equal" and split_cost is not None
+    max_splits = batch + (4 * num_slots if modeled else num_sm_parts)
+    return num_sm_parts, num_slots, split_cost if modeled else None, max_splits
+
+
+MAX_SEQLEN_K = 2 ** 31 - PAGE_SIZE    # no int32 length needs more (a page-aligned bound)
+
+
+def plan_mla_splits(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
+                    num_heads_k: int, *, num_sm_parts: int | None = None,
+                    num_slots: int | None = None, split_cost: float | None = None,
+                    plan: str = "equal", max_seqlen_k: int | None = None):
+    """Plan the split-KV work. Returns ``(tile_scheduler_metadata, num_splits)`` tensors.
+
+    This is what ``get_mla_metadata`` returned in FlashMLA's 2025 interface (and still
+    may be passed to ``flash_mla_with_kvcache`` in its place); today
+    :func:`flash_mla_with_kvcache` calls it on the first call that gets a fresh
+    :class:`FlashMLASchedMeta`. Its options are for the lesson's experiments.
 
     cache_seqlens: int32 (batch,). num_heads_per_head_k = seqlen_q * heads_q // heads_k
     (the folded query rows of one kv head). ``plan="equal"`` (default) cuts each
@@ -264,8 +297,11 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     how many programs of one (m block, kv head) pair run at once (SMs x
     ``resident_per_sm`` / heads_k / m blocks), the model's waves; split_cost: a split's
     partial output in key blocks of traffic (the model's penalty; ``None``, the config's
-    choice above 64 rows, means splits of one share). All three come from ``default_config`` unless given
-    (tests use them to force many splits).
+    choice above 64 rows, means splits of one share). All three come from
+    ``default_config`` unless given (tests use them to force many splits).
+    max_seqlen_k: lengths are clamped to [0, max_seqlen_k] for planning (the decode
+    kernel clamps them to block_table.shape[1] x 64 the same way), so no value of
+    cache_seqlens makes more splits than the metadata holds.
 
     num_splits: int32 (batch + 1,), cumulative: sequence b owns slots num_splits[b] to
     num_splits[b + 1] - 1 (FlashMLA's convention). tile_scheduler_metadata: int32
@@ -274,7 +310,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     last split hold -1 (no plan makes more splits than that). FlashMLA's rows describe
     shares and its programs loop over them; ours give each split its own program, because
     a loop over sequences around the key loop made Triton spill registers (see the
-    README).
+    README). A few tensor ops (or one small kernel for "shares"): no host sync.
     """
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1:
         raise ValueError("cache_seqlens must be a 1-D tensor (batch,)")
@@ -285,32 +321,23 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     batch = cache_seqlens.shape[0]
-    cfg = default_config(num_heads_per_head_k)
-    m_blocks = triton.cdiv(num_heads_per_head_k, cfg.block_m)
-    sms = _num_sm(cache_seqlens.device)
-    if num_sm_parts is None:
-        num_sm_parts = max(1, cfg.parts_per_sm * sms // num_heads_k // m_blocks)
-    if num_slots is None:
-        num_slots = max(1, cfg.resident_per_sm * sms // num_heads_k // m_blocks)
-    if split_cost is None:
-        split_cost = cfg.split_cost
-    if num_sm_parts < 1 or num_slots < 1 or (split_cost is not None and split_cost < 0):
-        raise ValueError("num_sm_parts and num_slots must be positive, split_cost >= 0")
-    modeled = plan == "equal" and split_cost is not None
-    max_splits = batch + (4 * num_slots if modeled else num_sm_parts)
+    max_len = MAX_SEQLEN_K if max_seqlen_k is None else max(0, min(max_seqlen_k, MAX_SEQLEN_K))
+    num_sm_parts, num_slots, model_cost, max_splits = _plan_params(
+        batch, num_heads_per_head_k, num_heads_k, cache_seqlens.device, num_sm_parts,
+        num_slots, split_cost, plan)
     dev = cache_seqlens.device
     meta = torch.full((max_splits, TILE_SCHEDULER_METADATA_SIZE), -1, dtype=torch.int32,
                       device=dev)
     meta[:, 4:] = 0
     num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     if batch > 0 and plan == "equal":
-        _plan_equal_splits(cache_seqlens, num_sm_parts, num_slots,
-                           split_cost if modeled else None, meta, num_splits)
+        _plan_equal_splits(cache_seqlens, num_sm_parts, num_slots, model_cost, meta,
+                           num_splits, max_len)
     elif batch > 0:
-        _mla_shares_kernel[(1,)](cache_seqlens.contiguous(), meta, num_splits, batch,
-                                 num_sm_parts, BLOCK_N=PAGE_SIZE,
-                                 OVERHEAD=FIXED_OVERHEAD_NUM_BLOCKS, BLOCK_B=256,
-                                 META=TILE_SCHEDULER_METADATA_SIZE, num_warps=1)
+        _mla_shares_kernel[(1,)](cache_seqlens.clamp(0, max_len).contiguous(), meta,
+                                 num_splits, batch, num_sm_parts, max_splits,
+                                 BLOCK_N=PAGE_SIZE, OVERHEAD=FIXED_OVERHEAD_NUM_BLOCKS,
+                                 BLOCK_B=256, META=TILE_SCHEDULER_METADATA_SIZE, num_warps=1)
     return meta, num_splits
 
 
@@ -318,19 +345,23 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
 # 2. The decode kernel.
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q_c, q_r, k_base, n, block_table_row, seqlen_k, limit,
-                  stride_kp, stride_kt, offs_n, offs_c, offs_r, offs_v, qk_scale,
-                  BLOCK_N: tl.constexpr, D_LATENT: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
+def _attend_block(acc, m_i, l_i, n_bad, q_c, q_r, k_base, n, block_table_row, seqlen_k,
+                  limit, num_pages, stride_kp, stride_kt, offs_n, offs_c, offs_r, offs_v,
+                  qk_scale, BLOCK_N: tl.constexpr, D_LATENT: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr):
     """One page of keys: s = q k^T, online softmax, acc += p v.
 
     ``n`` < the sequence's page count, so its table slot is owned. Rows of the last page
     past the sequence's end are not owned (they may hold NaN): their loads are pointed at
     the page's row 0, which is owned, and their scores are masked to -inf below, so
     p = 0 multiplies finite values. No load needs a mask, and one loop body serves
-    every block.
+    every block. A table entry outside [0, num_pages) is counted in ``n_bad`` (the
+    wrapper's device-side assert) and clamped, so even then nothing outside k_cache is
+    read.
     """
-    page = tl.load(block_table_row + n).to(tl.int64)
+    page = tl.load(block_table_row + n)
+    n_bad += ((page < 0) | (page >= num_pages)).to(tl.int32)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
     tok = n * BLOCK_N + offs_n
     row = tl.where(tok < seqlen_k, offs_n, 0)
     k_rows = k_base + page * stride_kp + row * stride_kt              # (BLOCK_N,) pointers
@@ -359,13 +390,14 @@ def _attend_block(acc, m_i, l_i, q_c, q_r, k_base, n, block_table_row, seqlen_k,
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, n_bad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "max_len", "num_pages", "max_splits"])
 def _mla_decode_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr,
-        out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr, trace_ptr,
+        out_ptr, lse_ptr, o_acc_ptr, lse_acc_ptr, trace_ptr, flags_ptr,
+        batch, max_len, num_pages, max_splits,
         stride_qb, stride_qs, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_bt,
@@ -386,10 +418,19 @@ def _mla_decode_kernel(
         t_start = globaltimer()
 
     b = tl.load(meta_ptr + split * META + 0)
-    if b >= 0:                      # rows past the plan's last split hold -1
-        n_lo = tl.load(meta_ptr + split * META + 1) // BLOCK_N
-        n_hi = tl.cdiv(tl.load(meta_ptr + split * META + 2), BLOCK_N)
-        seqlen_k = tl.load(seqlens_ptr + b)
+    if (b >= 0) & (b < batch):      # rows past the plan's last split hold -1
+        # Whatever the values, nothing outside the tensors is read or written: the
+        # length is clamped to the table's width (max_len = its columns x 64), the key
+        # range to that length, table entries to the cache's pages (_attend_block) and
+        # the slot to the split buffers. A bad length or table entry clears a flag that
+        # the wrapper asserts on (torch._assert_async): an error at the next sync.
+        seqlen_raw = tl.load(seqlens_ptr + b)
+        if (seqlen_raw < 0) | (seqlen_raw > max_len):
+            tl.store(flags_ptr, 0)
+        seqlen_k = tl.minimum(tl.maximum(seqlen_raw, 0), max_len)
+        n_lo = tl.maximum(tl.load(meta_ptr + split * META + 1) // BLOCK_N, 0)
+        n_hi = tl.minimum(tl.cdiv(tl.load(meta_ptr + split * META + 2), BLOCK_N),
+                          tl.cdiv(seqlen_k, BLOCK_N))
         n_splits = tl.load(num_splits_ptr + b + 1) - tl.load(num_splits_ptr + b)
         b64 = tl.full([], 0, tl.int64) + b     # 64-bit offsets: big caches pass 2**31
 
@@ -418,11 +459,15 @@ def _mla_decode_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         bt_row = block_table_ptr + b64 * stride_bt
         k_base = k_ptr + hk * stride_kh
+        n_bad = seqlen_k * 0                    # table entries outside the cache
         for n in range(n_lo, n_hi):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q_c, q_r, k_base, n, bt_row,
-                                          seqlen_k, limit, stride_kp, stride_kt, offs_n,
-                                          offs_c, offs_r, offs_v, qk_scale, BLOCK_N,
-                                          D_LATENT, BLOCK_DV, DOT_FP32)
+            acc, m_i, l_i, n_bad = _attend_block(acc, m_i, l_i, n_bad, q_c, q_r, k_base, n,
+                                                 bt_row, seqlen_k, limit, num_pages,
+                                                 stride_kp, stride_kt, offs_n, offs_c,
+                                                 offs_r, offs_v, qk_scale, BLOCK_N,
+                                                 D_LATENT, BLOCK_DV, DOT_FP32)
+        if n_bad > 0:
+            tl.store(flags_ptr + 1, 0)
 
         empty = l_i == 0.0                      # no visible key in this range
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -435,7 +480,8 @@ def _mla_decode_kernel(
                 tl.store(lse_ptr + b64 * stride_lb + head * stride_lh + s_idx,
                          tl.where(empty, float("inf"), lse), mask=row_ok)
         else:                                   # one split: fp32 partial + its lse
-            slot = tl.full([], 0, tl.int64) + tl.load(meta_ptr + split * META + 3)
+            slot = tl.minimum(tl.maximum(tl.load(meta_ptr + split * META + 3), 0),
+                              max_splits - 1).to(tl.int64)
             acc_rows = o_acc_ptr + slot * stride_as + hk * stride_ah + offs_m * D_LATENT
             tl.store(acc_rows[:, None] + offs_v[None, :], o, mask=row_ok[:, None])
             if dv_block == 0:
@@ -452,17 +498,19 @@ def _mla_decode_kernel(
 # ----------------------------------------------------------------------------------------
 # 3. Combine the splits of each split sequence (slots num_splits[b] .. num_splits[b+1]-1).
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits"])
 def _mla_combine_kernel(o_acc_ptr, lse_acc_ptr, num_splits_ptr, out_ptr, lse_ptr,
                         stride_as, stride_ah, stride_ob, stride_os, stride_oh,
-                        stride_lb, stride_lh, heads_k, group, rows,
+                        stride_lb, stride_lh, heads_k, group, rows, max_splits,
                         D_V: tl.constexpr, BLOCK_R: tl.constexpr):
     r_block = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
     b64 = tl.full([], 0, tl.int64) + b
-    split_start = tl.load(num_splits_ptr + b)
-    n_splits = tl.load(num_splits_ptr + b + 1) - split_start
+    # slots clamped to the split buffers, whatever num_splits holds
+    split_start = tl.minimum(tl.maximum(tl.load(num_splits_ptr + b), 0), max_splits)
+    split_end = tl.minimum(tl.load(num_splits_ptr + b + 1), max_splits)
+    n_splits = tl.maximum(split_end - split_start, 0)
     if n_splits > 1:            # sequences with one split were written by the decode kernel
         offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = offs_r < rows
@@ -500,7 +548,8 @@ def _mla_combine_kernel(o_acc_ptr, lse_acc_ptr, num_splits_ptr, out_ptr, lse_ptr
 
 
 # ----------------------------------------------------------------------------------------
-# The wrapper: FlashMLA's signature, every check before any launch.
+# The wrapper: FlashMLA's signature (its interface as of deepseek-ai/FlashMLA 9241ae3,
+# 2026-04-29): a scheduler-metadata object that the first call fills with the plan.
 
 def _empty(shape, dtype, device):
     """Every buffer the kernels write (the tests swap in a NaN-filled one)."""
@@ -511,12 +560,105 @@ def _empty(shape, dtype, device):
 # computes its dots in fp32 on the same (upcast) values. A module flag, so a GPU test can
 # run that path too.
 _DOT_FP32 = runtime.is_emulated()
+# The device-side value check (a flag the decode kernel clears, two torch._assert_async).
+# Only main.py --bench turns it off, to time what it costs; the clamps stay either way.
+_DEVICE_CHECKS = True
+
+# torch._assert_async's messages (CUDA keeps at most 255 characters)
+MSG_BAD_SEQLENS = ("flash_mla_with_kvcache: cache_seqlens has an entry < 0 or > "
+                   "block_table.shape[1] * 64 (or k_cache has no pages); rerun with "
+                   "debug_checks=True to see which")
+MSG_BAD_TABLE = ("flash_mla_with_kvcache: block_table has an entry < 0 or >= "
+                 "k_cache.shape[0] in a slot that a sequence uses; rerun with "
+                 "debug_checks=True to see which")
 
 
-def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits):
-    for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table),
-                    ("cache_seqlens", cache_seqlens), ("tile_scheduler_metadata", meta),
-                    ("num_splits", num_splits)):
+class FlashMLAArgumentError(ValueError, AssertionError):
+    """An argument (combination) that FlashMLA rejects with an ``assert``: raised here
+    as a ValueError that is also an AssertionError, so code written for either works."""
+
+
+@dataclasses.dataclass
+class FlashMLASchedMeta:
+    """FlashMLA's scheduler metadata: empty from :func:`get_mla_metadata`, filled with
+    the plan by the first :func:`flash_mla_with_kvcache` call that gets it, reused by
+    later calls (valid while the shapes and the *values* of cache_seqlens stay the same,
+    FlashMLA's rule: e.g. one per decoding step, shared by all layers)."""
+
+    @dataclasses.dataclass
+    class Config:
+        b: int
+        s_q: int
+        h_q: int
+        page_block_size: int
+        h_k: int
+        causal: bool
+        is_fp8_kvcache: bool
+        topk: int | None
+        extra_page_block_size: int | None
+        extra_topk: int | None
+
+    have_initialized: bool = False
+    config: Config | None = None
+    tile_scheduler_metadata: torch.Tensor | None = None   # ours: (splits, 8) int32
+    num_splits: torch.Tensor | None = None                # ours: (batch + 1,) int32
+
+
+_PLANNER_OPTIONS = ("num_sm_parts", "num_slots", "split_cost", "plan", "max_seqlen_k")
+
+
+def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
+    """An empty :class:`FlashMLASchedMeta` and None, as FlashMLA returns today: the plan
+    is made by the first :func:`flash_mla_with_kvcache` call that receives it. Any
+    arguments of the 2025 form (cache_seqlens, rows, heads_k, ...) are accepted and
+    ignored, as FlashMLA does; our planner's options belong to :func:`plan_mla_splits`."""
+    ours = [k for k in kwargs if k in _PLANNER_OPTIONS]
+    if ours:
+        raise TypeError(f"get_mla_metadata() no longer plans, so {', '.join(ours)} would be "
+                        "ignored: pass them to plan_mla_splits(cache_seqlens, rows, heads_k, "
+                        "...) and its two tensors to flash_mla_with_kvcache")
+    return FlashMLASchedMeta(), None
+
+
+def _reject_unsupported(causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                        extra_indices_in_kvcache, topk_length, extra_topk_length,
+                        block_table, cache_seqlens):
+    """FlashMLA's rules for its sparse and FP8 arguments, and what we do not have yet."""
+    if indices is not None:                           # sparse attention
+        if causal:
+            raise FlashMLAArgumentError("causal must be False when sparse attention is "
+                                        "enabled (indices is not None)")
+        if not is_fp8_kvcache:
+            raise FlashMLAArgumentError("is_fp8_kvcache must be True when sparse "
+                                        "attention is enabled (indices is not None)")
+        raise NotImplementedError("sparse attention (indices, topk_length, attn_sink, "
+                                  "extra_k_cache, ...) over an FP8 cache is not implemented "
+                                  "in this lesson yet: only dense bf16/fp16 decoding is")
+    given = [name for name, t in (("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
+                                  ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+                                  ("topk_length", topk_length),
+                                  ("extra_topk_length", extra_topk_length)) if t is not None]
+    if given:
+        raise FlashMLAArgumentError(f"{', '.join(given)} must be None when dense attention "
+                                    "is used (indices is None): FlashMLA takes them only "
+                                    "with sparse attention")
+    if block_table is None or cache_seqlens is None:
+        raise FlashMLAArgumentError("block_table and cache_seqlens must be provided when "
+                                    "dense attention is used")
+    if is_fp8_kvcache:
+        raise NotImplementedError("is_fp8_kvcache=True: the FP8 cache is not implemented "
+                                  "in this lesson yet; pass a bf16/fp16 k_cache")
+
+
+def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta=None,
+                  num_splits=None):
+    """Shapes, dtypes, devices and layouts: host-side, before any launch. (The values of
+    cache_seqlens and block_table are checked on the device, see _decode.)"""
+    tensors = [("q", q), ("k_cache", k_cache), ("block_table", block_table),
+               ("cache_seqlens", cache_seqlens)]
+    if meta is not None:
+        tensors += [("tile_scheduler_metadata", meta), ("num_splits", num_splits)]
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4:
@@ -545,8 +687,7 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_
     heads_k = k_cache.shape[2]
     if heads_k < 1 or heads_q % heads_k != 0:
         raise ValueError(f"heads_q={heads_q} must be a multiple of heads_k={heads_k}")
-    for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens),
-                    ("tile_scheduler_metadata", meta), ("num_splits", num_splits)):
+    for name, t in tensors[2:]:
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
     if block_table.dim() != 2 or block_table.shape[0] != batch:
@@ -555,94 +696,66 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must be (batch={batch},), got "
                          f"{tuple(cache_seqlens.shape)}")
-    if num_splits.shape != (batch + 1,):
-        raise ValueError(f"num_splits must be (batch + 1 = {batch + 1},), got "
-                         f"{tuple(num_splits.shape)}: pass what get_mla_metadata returned "
-                         "for these cache_seqlens")
-    if meta.dim() != 2 or meta.shape[1] != TILE_SCHEDULER_METADATA_SIZE \
-            or meta.shape[0] < batch:
-        raise ValueError(f"tile_scheduler_metadata must be (batch + num_sm_parts, "
-                         f"{TILE_SCHEDULER_METADATA_SIZE}), got {tuple(meta.shape)}: pass "
-                         "what get_mla_metadata returned for these cache_seqlens")
-    for name, t in (("k_cache", k_cache), ("block_table", block_table),
-                    ("cache_seqlens", cache_seqlens), ("tile_scheduler_metadata", meta),
-                    ("num_splits", num_splits)):
+    if meta is not None:
+        if num_splits.shape != (batch + 1,):
+            raise ValueError(f"num_splits must be (batch + 1 = {batch + 1},), got "
+                             f"{tuple(num_splits.shape)}: pass what plan_mla_splits returned "
+                             "for these cache_seqlens")
+        if meta.dim() != 2 or meta.shape[1] != TILE_SCHEDULER_METADATA_SIZE \
+                or meta.shape[0] < batch:
+            raise ValueError(f"tile_scheduler_metadata must be (batch + num_sm_parts, "
+                             f"{TILE_SCHEDULER_METADATA_SIZE}), got {tuple(meta.shape)}: "
+                             "pass what plan_mla_splits returned for these cache_seqlens")
+    for name, t in tensors[1:]:
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: "
                              "every tensor must be on the same device")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or (block_table.numel()
                                                           and block_table.stride(1) != 1):
         raise ValueError("q, k_cache and block_table need a contiguous last dimension")
-    if not cache_seqlens.is_contiguous() or not meta.is_contiguous() \
-            or not num_splits.is_contiguous():
+    if not cache_seqlens.is_contiguous() or (meta is not None and (
+            not meta.is_contiguous() or not num_splits.is_contiguous())):
         raise ValueError("cache_seqlens, tile_scheduler_metadata and num_splits must be "
                          "contiguous")
 
 
 def _check_lengths(block_table, cache_seqlens, num_pages):
-    """The data-dependent checks: one small reduction read back (a host sync)."""
+    """debug_checks=True: the value checks on the host, with detailed messages (one
+    small reduction read back: a host sync). The same conditions as the device check."""
     lens = cache_seqlens.long()
     pages_needed = (lens + PAGE_SIZE - 1) // PAGE_SIZE
     owned = (torch.arange(block_table.shape[1], device=lens.device)[None, :]
              < pages_needed[:, None])
     bad_entry = owned & ((block_table < 0) | (block_table >= num_pages))
-    stats = torch.stack([lens.min(), pages_needed.max(), lens.argmax(),
+    stats = torch.stack([lens.min(), lens.argmin(), pages_needed.max(), lens.argmax(),
                          bad_entry.any(1).long().argmax(), bad_entry.any().long()]).tolist()
-    min_len, max_pages_needed, longest, first_bad, any_bad = stats
+    min_len, shortest, max_pages_needed, longest, first_bad, any_bad = stats
     if min_len < 0:
-        raise ValueError(f"cache_seqlens has a negative entry ({min_len})")
+        raise ValueError(f"cache_seqlens[{shortest}] is negative ({min_len})")
     if max_pages_needed > block_table.shape[1]:
         raise ValueError(
             f"block_table is too short: cache_seqlens[{longest}] = "
             f"{int(cache_seqlens[longest])} needs {max_pages_needed} pages of {PAGE_SIZE}, "
             f"block_table has {block_table.shape[1]} columns")
-    if max_pages_needed > num_pages:
-        raise ValueError(
-            f"cache_seqlens[{longest}] = {int(cache_seqlens[longest])} is beyond the pages "
-            f"given: it needs {max_pages_needed} pages, k_cache holds {num_pages}")
     if any_bad:
-        raise ValueError(f"block_table row {first_bad} points outside k_cache's "
-                         f"{num_pages} pages in a slot the sequence uses")
+        col = int(bad_entry[first_bad].long().argmax())
+        raise ValueError(f"block_table[{first_bad}, {col}] = {int(block_table[first_bad, col])}"
+                         f" points outside k_cache's {num_pages} pages, in a slot that "
+                         f"sequence {first_bad} uses")
 
 
-def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
-                           cache_seqlens: torch.Tensor, head_dim_v: int,
-                           tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
-                           softmax_scale: float | None = None, causal: bool = False, *,
-                           check_lengths: bool = True, config: MLAConfig | None = None,
-                           trace: torch.Tensor | None = None):
-    """Attention of q over a paged MLA cache (FlashMLA's interface). Returns (out, lse).
-
-    q: (batch, seqlen_q, heads_q, 576) bf16/fp16; k_cache: (num_pages, 64, heads_k, 576);
-    V is the first head_dim_v = 512 channels of K; block_table: int32 (batch, max_pages);
-    cache_seqlens: int32 (batch,); the metadata from :func:`get_mla_metadata`.
-    out: (batch, seqlen_q, heads_q, 512) in q's dtype; lse: float32 (batch, heads_q,
-    seqlen_q). causal (seqlen_q > 1): query i sees keys j <= cache_seqlens - seqlen_q + i;
-    a query that sees no key gives zeros and lse = +inf.
-
-    ``check_lengths`` (ours, default on) also checks the values of cache_seqlens and
-    block_table, which costs one host sync; the benchmark turns it off, as FlashMLA
-    (which checks shapes only) would be timed. ``config`` picks the tile sizes.
-    ``trace`` (GPU only, for ``timeline.py``): an int64 tensor of 3 elements per program
-    of :func:`decode_grid`; each decode program writes its [SM id, start ns, end ns] (the
-    GPU's global timer) at 3 x its linear program id.
-    """
-    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                  tile_scheduler_metadata, num_splits)
-    batch, seqlen_q, heads_q, d = q.shape
+def _decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, head_dim_v, scale,
+            causal, cfg, trace=None, device_checks=True):
+    """The launches: decode kernel, combine kernel, and the device-side value check."""
+    batch, seqlen_q, heads_q, _ = q.shape
     num_pages, _, heads_k, _ = k_cache.shape
     group = heads_q // heads_k
     rows = seqlen_q * group
-    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     out = _empty((batch, seqlen_q, heads_q, head_dim_v), q.dtype, q.device)
     lse = _empty((batch, heads_q, seqlen_q), torch.float32, q.device)
     if batch == 0 or seqlen_q == 0 or heads_q == 0:
         return out, lse
-    if check_lengths:
-        _check_lengths(block_table, cache_seqlens, num_pages)
-
-    cfg = config or default_config(rows)
-    grid = decode_grid(rows, heads_k, tile_scheduler_metadata.shape[0], cfg)
+    grid = decode_grid(rows, heads_k, meta.shape[0], cfg)
     if trace is not None:
         if runtime.is_emulated():
             raise RuntimeError("trace reads the GPU's SM id and clock: it needs a GPU")
@@ -650,12 +763,18 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                 or trace.numel() < 3 * grid[0] * grid[1] * grid[2]:
             raise ValueError(f"trace must be a contiguous int64 tensor on {q.device} with at "
                              f"least {3 * grid[0] * grid[1] * grid[2]} elements")
-    max_splits = tile_scheduler_metadata.shape[0]    # at most this many splits
+    # Lengths past the table's width are clamped to it (no cache at all: to 0).
+    max_len = min(block_table.shape[1] * PAGE_SIZE, MAX_SEQLEN_K) if num_pages > 0 else 0
+    max_splits = meta.shape[0]                       # at most this many splits
     o_acc = _empty((max_splits, heads_k, rows, head_dim_v), torch.float32, q.device)
     lse_acc = _empty((max_splits, heads_k, rows), torch.float32, q.device)
+    # [lengths ok, table ok]: 1 until a decode program finds a bad value
+    flags = (torch.ones if device_checks else torch.empty)(2, dtype=torch.int32,
+                                                             device=q.device)
     _mla_decode_kernel[grid](
-        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-        out, lse, o_acc, lse_acc, lse if trace is None else trace,
+        q, k_cache, block_table, cache_seqlens, meta, num_splits,
+        out, lse, o_acc, lse_acc, lse if trace is None else trace, flags,
+        batch, max_len, num_pages, max_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
@@ -671,9 +790,167 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     _mla_combine_kernel[(triton.cdiv(rows, block_r), heads_k, batch)](
         o_acc, lse_acc, num_splits, out, lse,
         o_acc.stride(0), o_acc.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), heads_k, group, rows,
+        lse.stride(0), lse.stride(1), heads_k, group, rows, max_splits,
         D_V=head_dim_v, BLOCK_R=block_r, num_warps=4)
+    if device_checks:   # no sync: raises at the next one (on the CPU: right here)
+        torch._assert_async(flags[0], MSG_BAD_SEQLENS)
+        torch._assert_async(flags[1], MSG_BAD_TABLE)
     return out, lse
+
+
+# torch.compile: the plan and the decode as custom ops (the Triton launches are opaque
+# to the tracer; the fake versions give the output shapes). Eager calls skip the
+# dispatcher (~20 us of host time per call) and run the same functions directly.
+
+@torch.library.custom_op("course::mla_plan", mutates_args=(),
+                         schema="(Tensor cache_seqlens, int rows, int heads_k, "
+                                "int max_seqlen_k) -> (Tensor, Tensor)")
+def _mla_plan_op(cache_seqlens, rows, heads_k, max_seqlen_k):
+    return plan_mla_splits(cache_seqlens, rows, heads_k, max_seqlen_k=max_seqlen_k)
+
+
+@_mla_plan_op.register_fake
+def _(cache_seqlens, rows, heads_k, max_seqlen_k):
+    batch = cache_seqlens.shape[0]
+    max_splits = _plan_params(batch, rows, heads_k, cache_seqlens.device)[3]
+    return (cache_seqlens.new_empty((max_splits, TILE_SCHEDULER_METADATA_SIZE)),
+            cache_seqlens.new_empty((batch + 1,)))
+
+
+@torch.library.custom_op("course::mla_decode", mutates_args=(),
+                         schema="(Tensor q, Tensor k_cache, Tensor block_table, "
+                                "Tensor cache_seqlens, Tensor tile_scheduler_metadata, "
+                                "Tensor num_splits, int head_dim_v, float softmax_scale, "
+                                "bool causal, int[] tile, bool device_checks) "
+                                "-> (Tensor, Tensor)")
+def _mla_decode_op(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                   num_splits, head_dim_v, softmax_scale, causal, tile, device_checks):
+    return _decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                   num_splits, head_dim_v, softmax_scale, causal, MLAConfig(*tile),
+                   device_checks=device_checks)
+
+
+@_mla_decode_op.register_fake
+def _(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+      head_dim_v, softmax_scale, causal, tile, device_checks):
+    batch, seqlen_q, heads_q, _ = q.shape
+    return (q.new_empty((batch, seqlen_q, heads_q, head_dim_v)),
+            q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32))
+
+
+def _sched_config(q, k_cache, causal, is_fp8_kvcache):
+    return FlashMLASchedMeta.Config(q.shape[0], q.shape[1], q.shape[2], k_cache.shape[1],
+                                    k_cache.shape[2], causal, is_fp8_kvcache, None, None,
+                                    None)
+
+
+def _check_sched_config(have: FlashMLASchedMeta.Config, want: FlashMLASchedMeta.Config):
+    """FlashMLA's consistency checks of a reused sched meta, field by field."""
+    names = {"b": "batch_size", "s_q": "seq_len_q", "h_q": "num_heads_q",
+             "page_block_size": "page_block_size", "h_k": "num_heads_k", "causal": "causal",
+             "is_fp8_kvcache": "is_fp8_kvcache", "topk": "the last dim of indices",
+             "extra_page_block_size": "the page_block_size of extra_k_cache",
+             "extra_topk": "the last dim of extra_indices_in_kvcache"}
+    for field, what in names.items():
+        if getattr(have, field) != getattr(want, field):
+            raise FlashMLAArgumentError(
+                f"sched_meta.config.{field} must be equal to {what} (planned for "
+                f"{getattr(have, field)!r}, this call has {getattr(want, field)!r}). Your "
+                "input arguments are inconsistent with sched_meta: use one sched_meta (from "
+                "get_mla_metadata()) per set of shapes and cache_seqlens values")
+
+
+def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
+                           block_table: torch.Tensor | None,
+                           cache_seqlens: torch.Tensor | None, head_dim_v: int,
+                           tile_scheduler_metadata: FlashMLASchedMeta | torch.Tensor,
+                           num_splits: torch.Tensor | None = None,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           is_fp8_kvcache: bool = False, indices: torch.Tensor | None = None,
+                           attn_sink: torch.Tensor | None = None,
+                           extra_k_cache: torch.Tensor | None = None,
+                           extra_indices_in_kvcache: torch.Tensor | None = None,
+                           topk_length: torch.Tensor | None = None,
+                           extra_topk_length: torch.Tensor | None = None, *,
+                           debug_checks: bool = False, config: MLAConfig | None = None,
+                           trace: torch.Tensor | None = None):
+    """Attention of q over a paged MLA cache (FlashMLA's interface). Returns (out, lse).
+
+    q: (batch, seqlen_q, heads_q, 576) bf16/fp16; k_cache: (num_pages, 64, heads_k, 576);
+    V is the first head_dim_v = 512 channels of K; block_table: int32 (batch, max_pages);
+    cache_seqlens: int32 (batch,). out: (batch, seqlen_q, heads_q, 512) in q's dtype; lse:
+    float32 (batch, heads_q, seqlen_q). causal (seqlen_q > 1): query i sees keys
+    j <= cache_seqlens - seqlen_q + i; a query that sees no key gives zeros, lse = +inf.
+
+    tile_scheduler_metadata: a :class:`FlashMLASchedMeta` from ``get_mla_metadata()``
+    (num_splits must then be None, FlashMLA's rule): the first call plans into it, later
+    calls reuse the plan and are checked against its config. The 2025 form also works:
+    the two int32 tensors of :func:`plan_mla_splits`.
+    is_fp8_kvcache, indices, attn_sink, extra_*, topk_length: FlashMLA's FP8 and sparse
+    modes, not implemented here yet (NotImplementedError; FlashMLAArgumentError for the
+    combinations FlashMLA itself rejects).
+
+    Shapes, dtypes and devices are checked on the host before any launch. The *values* of
+    cache_seqlens and block_table are checked on the device, without a host sync: the
+    kernels clamp every index they read, so no value makes them read or write outside
+    the tensors given, and a length < 0 or > block_table.shape[1] * 64, or a table entry
+    outside [0, num_pages) in a slot a sequence uses, raises at the next synchronisation
+    (torch._assert_async). Ours, keyword-only: ``debug_checks=True`` checks the values
+    on the host first, with detailed messages (a host sync per call); ``config`` picks
+    the tile sizes; ``trace`` (GPU only, for ``timeline.py``): an int64 tensor of 3
+    elements per program of :func:`decode_grid`; each decode program writes its
+    [SM id, start ns, end ns] at 3 x its linear program id.
+    Under torch.compile the plan and the decode are custom ops (course::mla_plan,
+    course::mla_decode): no graph break, CUDA graphs welcome (not with debug_checks or
+    trace).
+    """
+    sched = tile_scheduler_metadata
+    if isinstance(sched, FlashMLASchedMeta):
+        if num_splits is not None:
+            raise FlashMLAArgumentError("num_splits must be None when tile_scheduler_metadata"
+                                        " is a FlashMLASchedMeta (it holds the plan)")
+        meta = ns = None
+    elif isinstance(sched, torch.Tensor):           # the 2025 form: plan_mla_splits' tensors
+        if not isinstance(num_splits, torch.Tensor):
+            raise TypeError("with a tensor tile_scheduler_metadata (plan_mla_splits' 2025 "
+                            "form), num_splits must be its int32 tensor too")
+        meta, ns = sched, num_splits
+    else:
+        raise TypeError("tile_scheduler_metadata must be of type FlashMLASchedMeta (from "
+                        "get_mla_metadata()), or the tensor that plan_mla_splits returned, "
+                        f"got {type(sched).__name__}")
+    _reject_unsupported(causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                        extra_indices_in_kvcache, topk_length, extra_topk_length,
+                        block_table, cache_seqlens)
+    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, ns)
+    batch, seqlen_q, heads_q, d = q.shape
+    heads_k = k_cache.shape[2]
+    rows = seqlen_q * heads_q // heads_k
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if debug_checks:
+        _check_lengths(block_table, cache_seqlens, k_cache.shape[0])
+    compiling = torch.compiler.is_compiling()
+    if meta is None:
+        want = _sched_config(q, k_cache, causal, is_fp8_kvcache)
+        if not sched.have_initialized:     # the first call plans (device ops, no sync)
+            max_len = block_table.shape[1] * PAGE_SIZE
+            if compiling:
+                meta, ns = torch.ops.course.mla_plan(cache_seqlens, rows, heads_k, max_len)
+            else:
+                meta, ns = plan_mla_splits(cache_seqlens, rows, heads_k, max_seqlen_k=max_len)
+            sched.have_initialized = True
+            sched.config = want
+            sched.tile_scheduler_metadata, sched.num_splits = meta, ns
+        else:
+            _check_sched_config(sched.config, want)
+            meta, ns = sched.tile_scheduler_metadata, sched.num_splits
+    cfg = config or default_config(rows)
+    if trace is not None or not compiling:
+        return _decode(q, k_cache, block_table, cache_seqlens, meta, ns, head_dim_v, scale,
+                       causal, cfg, trace, _DEVICE_CHECKS)
+    return torch.ops.course.mla_decode(q, k_cache, block_table, cache_seqlens, meta, ns,
+                                       head_dim_v, scale, bool(causal), list(cfg[:4]),
+                                       _DEVICE_CHECKS)
 
 
 def decode_grid(rows: int, heads_k: int, plan_rows: int, cfg: MLAConfig):

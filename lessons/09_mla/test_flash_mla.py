@@ -16,6 +16,11 @@ summation order over up to 16k keys.
 """
 
 import random
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,19 +30,41 @@ from common.checks import assert_close, assert_error_within, poisoned
 from common.reference import paged_mla_decode_ref
 
 import flash_mla
-from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, flash_mla_with_kvcache,
-                       get_mla_metadata)
+from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, FlashMLAArgumentError,
+                       FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata,
+                       plan_mla_splits)
 from problems import flashmla_lens
 
 DEV = runtime.torch_device()
 SLACK = {torch.bfloat16: 2 ** -9, torch.float16: 2 ** -12}   # half an ulp at 1.0
 
 
+GUARD = 256            # elements on either side of every buffer the kernels write
+SENTINEL = -7.0
+
+
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN (torch.empty may hand out zeros)."""
-    monkeypatch.setattr(flash_mla, "_empty", lambda shape, dtype, device:
-                        poisoned(shape, dtype, device))
+    """Every buffer the kernels write starts as NaN (torch.empty may hand out zeros) and
+    lies inside a larger one whose guard elements must still hold SENTINEL at the end:
+    a write outside a buffer, whatever the inputs' values, fails the test."""
+    parents = []
+
+    def guarded(shape, dtype, device):
+        n = 1
+        for x in shape:
+            n *= x
+        parent = poisoned((n + 2 * GUARD,), dtype, device)
+        parent[:GUARD] = SENTINEL
+        parent[-GUARD:] = SENTINEL
+        parents.append(parent)
+        return parent[GUARD:GUARD + n].view(shape)
+
+    monkeypatch.setattr(flash_mla, "_empty", guarded)
+    yield
+    for parent in parents:
+        guards = torch.cat([parent[:GUARD], parent[-GUARD:]])
+        assert (guards == SENTINEL).all(), "a kernel wrote outside its output buffer"
 
 
 def make_problem(lens, seqlen_q, heads_q, heads_k, dtype, seed, spare_pages=3, spare_slots=2,
@@ -69,11 +96,16 @@ def run_and_check(lens, seqlen_q, heads_q, heads_k, causal, dtype, seed, num_sm_
                   softmax_scale=None, config=None, plan="equal"):
     q, k_cache, block_table, cache_seqlens = make_problem(lens, seqlen_q, heads_q, heads_k,
                                                           dtype, seed)
-    meta, num_splits = get_mla_metadata(cache_seqlens, seqlen_q * heads_q // heads_k,
-                                        heads_k, num_sm_parts=num_sm_parts, plan=plan)
+    if num_sm_parts is None and plan == "equal":    # today's form: the call plans
+        meta, num_splits = get_mla_metadata()
+    else:                                           # the 2025 form: our planner's tensors
+        meta, num_splits = plan_mla_splits(cache_seqlens, seqlen_q * heads_q // heads_k,
+                                           heads_k, num_sm_parts=num_sm_parts, plan=plan)
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
                                       meta, num_splits, softmax_scale=softmax_scale,
                                       causal=causal, config=config)
+    if isinstance(meta, FlashMLASchedMeta):
+        num_splits = meta.num_splits
     assert out.shape == (len(lens), seqlen_q, heads_q, HEAD_DIM_V) and out.dtype == dtype
     assert lse.shape == (len(lens), heads_q, seqlen_q) and lse.dtype == torch.float32
     ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, block_table, cache_seqlens,
@@ -136,8 +168,8 @@ def test_a_nan_the_kernel_must_read_fails_the_check():
     all: put one in a row the sequence owns, and it must reach the output."""
     q, k_cache, bt, lens = make_problem([70], 1, 16, 1, torch.bfloat16, seed=2)
     k_cache[bt[0, 1], 3, 0, 7] = float("nan")             # token 67, owned
-    meta, ns = get_mla_metadata(lens, 16, 1)
-    out, _ = flash_mla_with_kvcache(q, k_cache, bt, lens, HEAD_DIM_V, meta, ns)
+    meta, _ = get_mla_metadata()
+    out, _ = flash_mla_with_kvcache(q, k_cache, bt, lens, HEAD_DIM_V, meta)
     assert torch.isnan(out).all()
 
 
@@ -222,9 +254,9 @@ def test_plan_matches_spec_and_covers_every_key_once(plan, spec, seed):
     slots = rnd.choice([1, 7, 16, 264])
     cost = rnd.choice([None, 0.0, 16 / 18, 4.0]) if plan == "equal" else None
     rows_q = 128 if cost is None else 16         # 128 rows: the config's rule is one share
-    meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                        rows_q, 1, num_sm_parts=parts, num_slots=slots,
-                                        split_cost=cost, plan=plan)
+    meta, num_splits = plan_mla_splits(torch.tensor(lens, dtype=torch.int32, device=DEV),
+                                       rows_q, 1, num_sm_parts=parts, num_slots=slots,
+                                       split_cost=cost, plan=plan)
     rows, spec_splits = spec(lens, parts, slots, cost)
     assert num_splits.tolist() == spec_splits
     modeled = plan == "equal" and cost is not None
@@ -253,7 +285,7 @@ def test_equal_lengths_fill_whole_waves(batch, length, slots, expect):
     """With every length the same, the model cuts every sequence the same way, into the
     count whose programs fill their waves (the expectations are worked out by hand)."""
     lens = torch.full((batch,), length, dtype=torch.int32, device=DEV)
-    meta, num_splits = get_mla_metadata(lens, 16, 1, num_slots=slots, split_cost=16 / 18)
+    meta, num_splits = plan_mla_splits(lens, 16, 1, num_slots=slots, split_cost=16 / 18)
     per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
     assert per_seq == [expect] * batch
 
@@ -266,8 +298,8 @@ def test_model_avoids_a_nearly_empty_last_wave():
     rnd = random.Random(7)
     lens = [max(1, int(rnd.gauss(8192, 4096))) for _ in range(128)]
     blocks = [-(-n // 64) for n in lens]
-    _, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                     32, 1, num_slots=264, split_cost=32 / 18)
+    _, num_splits = plan_mla_splits(torch.tensor(lens, dtype=torch.int32, device=DEV),
+                                    32, 1, num_slots=264, split_cost=32 / 18)
     chunk = modeled_chunk_spec(blocks, 264, 32 / 18)
     assert (num_splits[1:] - num_splits[:-1]).tolist() == [-(-b // chunk) for b in blocks]
     pieces = int(num_splits[-1])
@@ -279,8 +311,8 @@ def test_equal_plan_balances_one_long_and_many_short():
     splits about the size of the short ones, which stay whole, and the largest splits
     are launched first. (FlashMLA's shares cut short sequences too, in batch order.)"""
     lens = [64 * 20] * 31 + [64 * 400]
-    meta, num_splits = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device=DEV),
-                                        128, 1, num_sm_parts=32)  # 128 rows: one-share splits
+    meta, num_splits = plan_mla_splits(torch.tensor(lens, dtype=torch.int32, device=DEV),
+                                       128, 1, num_sm_parts=32)  # 128 rows: one-share splits
     rows = meta[:int(num_splits[-1])].tolist()
     sizes = [(r[2] - r[1] + 63) // 64 for r in rows]
     per_seq = (num_splits[1:] - num_splits[:-1]).tolist()
@@ -307,9 +339,18 @@ def no_launch(monkeypatch):
 
 def _good():
     q, k_cache, bt, lens = make_problem([70, 5], 2, 16, 1, torch.bfloat16, seed=1)
-    meta, ns = get_mla_metadata(lens, 32, 1)
+    meta, ns = get_mla_metadata()
     return dict(q=q, k_cache=k_cache, block_table=bt, cache_seqlens=lens, head_dim_v=512,
                 tile_scheduler_metadata=meta, num_splits=ns)
+
+
+def _legacy(a, rows=32):
+    """The 2025 form: our planner's two tensors in place of the sched meta."""
+    a["tile_scheduler_metadata"], a["num_splits"] = plan_mla_splits(a["cache_seqlens"], rows, 1)
+
+
+def _lens(*values):
+    return torch.tensor(values, dtype=torch.int32, device=DEV)
 
 
 BAD = [
@@ -319,17 +360,6 @@ BAD = [
      ValueError, "576"),
     ("head_dim_v", lambda a: a.update(head_dim_v=256), ValueError, "head_dim_v"),
     ("page size", lambda a: a.update(k_cache=a["k_cache"][:, :32]), ValueError, "page size"),
-    ("short table", lambda a: a.update(block_table=a["block_table"][:, :1]), ValueError,
-     "too short"),
-    ("length beyond the pages", lambda a: a.update(
-        cache_seqlens=torch.tensor([70, 64 * 9 + 1], dtype=torch.int32, device=DEV),
-        block_table=torch.zeros(2, 12, dtype=torch.int32, device=DEV)), ValueError,
-     "beyond the pages"),
-    ("table entry outside the cache", lambda a: a["block_table"].__setitem__(
-        (0, 1), 10**6), ValueError, "outside"),
-    ("negative length", lambda a: a.update(
-        cache_seqlens=torch.tensor([70, -1], dtype=torch.int32, device=DEV)), ValueError,
-     "negative"),
     ("dtype mismatch", lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "differs"),
     ("float32 q", lambda a: a.update(q=a["q"].float(), k_cache=a["k_cache"].float()),
      TypeError, "bfloat16 or float16"),
@@ -341,10 +371,50 @@ BAD = [
         k_cache=a["k_cache"].expand(-1, -1, 3, -1).contiguous()), ValueError, "multiple"),
     ("batch mismatch", lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), ValueError,
      "batch"),
-    ("stale metadata", lambda a: a.update(num_splits=a["num_splits"][:2]), ValueError,
-     "num_splits"),
+    ("stale metadata (2025 form)", lambda a: (_legacy(a), a.update(
+        num_splits=a["num_splits"][:2])), ValueError, "num_splits"),
+    ("2025 form without num_splits", lambda a: (_legacy(a), a.update(num_splits=None)),
+     TypeError, "num_splits"),
+    ("not a sched meta", lambda a: a.update(tile_scheduler_metadata={}), TypeError,
+     "FlashMLASchedMeta"),
     ("device mismatch", lambda a: a.update(block_table=a["block_table"].to("meta")),
      ValueError, "device"),
+    # FlashMLA's own rules (it asserts; FlashMLAArgumentError is also an AssertionError)
+    ("num_splits with a sched meta", lambda a: a.update(
+        num_splits=torch.zeros(3, dtype=torch.int32, device=DEV)), FlashMLAArgumentError,
+     "num_splits must be None"),
+    ("attn_sink with dense", lambda a: a.update(
+        attn_sink=torch.zeros(16, device=DEV)), FlashMLAArgumentError, "attn_sink must be None"),
+    ("extra cache with dense", lambda a: a.update(
+        extra_k_cache=a["k_cache"], topk_length=a["cache_seqlens"]), FlashMLAArgumentError,
+     "extra_k_cache, topk_length must be None"),
+    ("no block_table", lambda a: a.update(block_table=None), FlashMLAArgumentError,
+     "must be provided"),
+    ("sparse and causal", lambda a: a.update(
+        indices=torch.zeros(2, 2, 8, dtype=torch.int32, device=DEV), is_fp8_kvcache=True,
+        causal=True), FlashMLAArgumentError, "causal must be False"),
+    ("sparse without fp8", lambda a: a.update(
+        indices=torch.zeros(2, 2, 8, dtype=torch.int32, device=DEV)), FlashMLAArgumentError,
+     "is_fp8_kvcache must be True"),
+    # not here yet (a later issue)
+    ("sparse", lambda a: a.update(indices=torch.zeros(2, 2, 8, dtype=torch.int32, device=DEV),
+                                  is_fp8_kvcache=True), NotImplementedError, "sparse"),
+    ("fp8 cache", lambda a: a.update(is_fp8_kvcache=True), NotImplementedError, "FP8"),
+]
+
+# Bad *values*: found by the device-side check (default) or, with debug_checks=True, on
+# the host before any launch with a detailed message.
+BAD_VALUES = [
+    ("short table", lambda a: a.update(block_table=a["block_table"][:, :1]),
+     "cache_seqlens", "too short"),
+    ("table entry past the cache", lambda a: a["block_table"].__setitem__(
+        (0, 1), a["k_cache"].shape[0]), "block_table", r"block_table\[0, 1\] = \d+ points outside"),
+    ("negative table entry", lambda a: a["block_table"].__setitem__((1, 0), -1),
+     "block_table", "outside"),
+    ("negative length", lambda a: a.update(cache_seqlens=_lens(70, -1)), "cache_seqlens",
+     r"cache_seqlens\[1\] is negative"),
+    ("huge length", lambda a: a.update(cache_seqlens=_lens(2**31 - 1, 5)), "cache_seqlens",
+     "too short"),
 ]
 
 
@@ -354,27 +424,249 @@ def test_bad_input_is_rejected_before_launch(no_launch, what, mutate, exc, match
     mutate(args)
     with pytest.raises(exc, match=match):
         flash_mla_with_kvcache(**args)
+    sched = args["tile_scheduler_metadata"]
+    if isinstance(sched, FlashMLASchedMeta):     # a rejected call plans nothing
+        assert not sched.have_initialized and sched.tile_scheduler_metadata is None
+
+
+@pytest.mark.parametrize("what,mutate,arg,match", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_debug_checks_reject_bad_values_before_launch(no_launch, what, mutate, arg, match):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        flash_mla_with_kvcache(**args, debug_checks=True)
+
+
+@pytest.mark.skipif(not runtime.is_emulated(), reason="on a GPU the device assert kills the "
+                    "process: test_gpu_device_check_raises runs it in a subprocess")
+@pytest.mark.parametrize("form", ["sched meta", "2025"])
+@pytest.mark.parametrize("what,mutate,arg,match", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_device_check_raises_on_bad_values(what, mutate, arg, match, form):
+    """Without debug_checks no value is read back: the kernels clear a flag, and
+    torch._assert_async raises (on the CPU at once, on a GPU at the next sync)."""
+    args = _good()
+    mutate(args)
+    if form == "2025":
+        _legacy(args)
+    msg = flash_mla.MSG_BAD_SEQLENS if arg == "cache_seqlens" else flash_mla.MSG_BAD_TABLE
+    with pytest.raises(RuntimeError, match=re.escape(msg[:60])):
+        flash_mla_with_kvcache(**args)
+
+
+def test_device_check_passes_flashmla_unused_slots():
+    """FlashMLA's test data: 2147480000 in every unused table slot, NaN in unused rows."""
+    q, k_cache, bt, lens = make_problem([70, 5, 0, 129], 2, 16, 1, torch.bfloat16, seed=8)
+    used = torch.arange(bt.shape[1], device=DEV)[None, :] < ((lens + 63) // 64)[:, None]
+    bt = torch.where(used, bt, torch.full_like(bt, 2147480000))
+    meta, _ = get_mla_metadata()
+    out, lse = flash_mla_with_kvcache(q, k_cache, bt, lens, 512, meta, causal=True)
+    ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, bt, lens, 512, causal=True)
+    assert_close(out, ref_out, dtype=torch.bfloat16, name="out")
+    assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+
+
+def views_in_poison(lens, seqlen_q=1, heads_q=16, seed=0, extra_cols=3):
+    """q, k_cache and block_table as views inside larger NaN-filled buffers. Every row
+    of every page in the view is finite, so a read that stays inside the tensors given
+    gives finite numbers, and one outside gives NaN. Unused table slots hold FlashMLA's
+    2147480000; the table's parent has extra columns of valid-looking page numbers, past
+    block_table.shape[1]."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [(n + 63) // 64 for n in lens]
+    num_pages, width = sum(pages) + 2, max(pages)
+    k_parent = torch.full((num_pages + 4, 64, 1, HEAD_DIM_K), float("nan"))
+    k_parent[2:2 + num_pages] = torch.randn(num_pages, 64, 1, HEAD_DIM_K, generator=gen)
+    k_cache = k_parent.to(DEV, torch.bfloat16)[2:2 + num_pages]
+    bt_parent = torch.randint(0, num_pages, (len(lens) + 2, width + extra_cols),
+                              generator=gen, dtype=torch.int32)
+    perm = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    start = 0
+    for b, p in enumerate(pages):
+        bt_parent[1 + b, :p] = perm[start:start + p]
+        bt_parent[1 + b, p:width] = 2147480000
+        start += p
+    block_table = bt_parent.to(DEV)[1:1 + len(lens), :width]
+    q_parent = torch.full((len(lens), seqlen_q, heads_q + 3, HEAD_DIM_K + 64), float("nan"))
+    q_parent[:, :, 1:1 + heads_q, :HEAD_DIM_K] = torch.randn(len(lens), seqlen_q, heads_q,
+                                                            HEAD_DIM_K, generator=gen)
+    q = q_parent.to(DEV, torch.bfloat16)[:, :, 1:1 + heads_q, :HEAD_DIM_K]
+    assert not q.is_contiguous() and not block_table.is_contiguous()
+    return q, k_cache, block_table, _lens(*lens)
+
+
+@pytest.mark.parametrize("bad", ["entry past the cache", "negative entry", "long length",
+                                 "negative length", "none"])
+@pytest.mark.parametrize("form", ["sched meta", "2025"])
+def test_bad_values_read_nothing_outside(monkeypatch, bad, form):
+    """With the device check off (to see the outputs), a bad value in one sequence: the
+    other sequences' outputs are the reference's, and the bad one reads only inside the
+    tensors given: its length is clamped to [0, block_table.shape[1] x 64] and its table
+    entries to [0, num_pages), which is what the reference is given for it."""
+    monkeypatch.setattr(flash_mla, "_DEVICE_CHECKS", False)
+    lens = [70, 200, 5, 129]
+    q, k_cache, bt, cache_seqlens = views_in_poison(lens, seed=3)
+    num_pages, width = k_cache.shape[0], bt.shape[1]
+    clamped_bt, clamped_lens = bt.clone(), cache_seqlens.clone()
+    if bad == "entry past the cache":
+        bt[1, 2] = num_pages                   # the parent holds NaN there
+        clamped_bt[1, 2] = num_pages - 1
+    elif bad == "negative entry":
+        bt[1, 0] = -2
+        clamped_bt[1, 0] = 0
+    elif bad == "long length":                 # the table's parent has more columns
+        cache_seqlens[1] = width * 64 + 100
+        clamped_lens[1] = width * 64
+    elif bad == "negative length":
+        cache_seqlens[1] = -5
+        clamped_lens[1] = 0
+    if form == "2025":
+        meta, ns = plan_mla_splits(cache_seqlens, 16, 1, num_sm_parts=5)
+    else:
+        meta, ns = get_mla_metadata()
+    out, lse = flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, 512, meta, ns)
+    for what, t in (("NaN", out), ("lse NaN", lse)):
+        assert not torch.isnan(t).any(), f"{what}: a read outside the tensors given"
+    ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, clamped_bt, clamped_lens.clamp(min=0),
+                                            512)
+    assert_close(out, ref_out, dtype=torch.bfloat16, name="out")
+    assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+
+
+def test_garbage_metadata_stays_inside_the_buffers():
+    """The 2025 form takes metadata from the caller: whatever it holds (sequences, key
+    ranges and slots out of range, a num_splits that is not cumulative), the kernels
+    neither fault nor write outside their buffers (the autouse fixture's guards)."""
+    q, k_cache, bt, lens = make_problem([70, 5, 130], 1, 16, 1, torch.bfloat16, seed=4)
+    meta, ns = plan_mla_splits(lens, 16, 1, num_sm_parts=4)
+    gen = torch.Generator().manual_seed(0)
+    garbage = torch.randint(-2**31, 2**31 - 1, meta.shape, generator=gen, dtype=torch.int32)
+    garbage[::2, 0] = torch.randint(-1, 4, (garbage[::2].shape[0],), generator=gen,
+                                    dtype=torch.int32)      # some rows name real sequences
+    ns_garbage = torch.tensor([0, 7, -3, 2**30], dtype=torch.int32)
+    out, lse = flash_mla_with_kvcache(q, k_cache, bt, lens, 512, garbage.to(DEV),
+                                      ns_garbage.to(DEV))
+    assert out.shape == (3, 1, 16, 512)
+
+
+def test_plan_survives_any_lengths():
+    """Negative, zero and near-2^31 lengths: every plan stays inside its metadata (the
+    rows it fills and the slots it hands out), and covers each clamped length once."""
+    lens = [-5, 0, 2**31 - 1, 3000, -2**31, 2**31 - 64, 1]
+    t = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    for kw in ({}, {"plan": "shares"}, {"split_cost": 0.5}, {"max_seqlen_k": 64 * 50}):
+        meta, ns = plan_mla_splits(t, 16, 1, num_slots=7, num_sm_parts=5, **kw)
+        ns = ns.tolist()
+        assert ns[0] == 0 and all(a <= b for a, b in zip(ns, ns[1:]))
+        assert ns[-1] <= meta.shape[0], (kw, ns[-1], meta.shape)
+        rows = [r for r in meta[:, :4].tolist() if r[0] >= 0]
+        assert len(rows) == ns[-1] and sorted(r[3] for r in rows) == list(range(ns[-1]))
+        cap = kw.get("max_seqlen_k", flash_mla.MAX_SEQLEN_K)
+        for b, n in enumerate(lens):
+            own = sorted((r for r in rows if r[0] == b), key=lambda r: r[1])
+            assert own[0][1] == 0 and own[-1][2] == min(max(n, 0), cap)
+
+
+# ----------------------------------------------------------------------------------------
+# FlashMLA's sched meta: planned by the first call, reused, checked.
+
+def test_sched_meta_is_planned_once_and_reused(monkeypatch):
+    calls = []
+    real = flash_mla.plan_mla_splits
+    monkeypatch.setattr(flash_mla, "plan_mla_splits",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = _good()
+    sched = args["tile_scheduler_metadata"]
+    assert isinstance(sched, FlashMLASchedMeta) and args["num_splits"] is None
+    out1, lse1 = flash_mla_with_kvcache(**args)
+    assert sched.have_initialized and len(calls) == 1
+    assert (sched.config.b, sched.config.s_q, sched.config.h_q, sched.config.h_k,
+            sched.config.page_block_size, sched.config.causal) == (2, 2, 16, 1, 64, False)
+    meta = sched.tile_scheduler_metadata
+    out2, lse2 = flash_mla_with_kvcache(**dict(args, q=args["q"] * 2))   # another layer
+    assert len(calls) == 1 and sched.tile_scheduler_metadata is meta
+    ref, _ = paged_mla_decode_ref(args["q"] * 2, args["k_cache"], args["block_table"],
+                                  args["cache_seqlens"], 512)
+    assert_close(out2, ref, dtype=torch.bfloat16, name="second call")
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda a: a.update(causal=True), "causal"),
+    (lambda a: a.update(q=a["q"][:, :1]), "s_q"),
+    (lambda a: a.update(q=a["q"][:1], block_table=a["block_table"][:1],
+                        cache_seqlens=a["cache_seqlens"][:1]), "b"),
+    (lambda a: a.update(q=a["q"][:, :, :8]), "h_q"),
+    (lambda a: a.update(k_cache=a["k_cache"].expand(-1, -1, 2, -1)), "h_k"),
+])
+def test_sched_meta_rejects_other_shapes(no_launch, monkeypatch, change, field):
+    args = _good()
+    sched = args["tile_scheduler_metadata"]
+    sched.have_initialized = True
+    sched.config = flash_mla._sched_config(args["q"], args["k_cache"], False, False)
+    change(args)
+    with pytest.raises(FlashMLAArgumentError, match=rf"sched_meta\.config\.{field} must be"):
+        flash_mla_with_kvcache(**args)
+
+
+def test_get_mla_metadata_takes_the_old_arguments():
+    lens = _lens(5, 6)
+    for sched, none in (get_mla_metadata(), get_mla_metadata(lens, 16, 1),
+                        get_mla_metadata(lens, 16, 1, 16, False, None)):
+        assert isinstance(sched, FlashMLASchedMeta) and none is None
+        assert not sched.have_initialized
+    with pytest.raises(TypeError, match="plan_mla_splits"):
+        get_mla_metadata(lens, 16, 1, num_sm_parts=4)
 
 
 def test_metadata_rejects_bad_lengths():
     with pytest.raises(ValueError, match="must be positive"):
-        get_mla_metadata(torch.tensor([5, 6], dtype=torch.int32), 16, 1, num_slots=0)
+        plan_mla_splits(torch.tensor([5, 6], dtype=torch.int32), 16, 1, num_slots=0)
     with pytest.raises(ValueError, match="plan must be one of"):
-        get_mla_metadata(torch.tensor([5, 6], dtype=torch.int32), 16, 1, plan="greedy")
+        plan_mla_splits(torch.tensor([5, 6], dtype=torch.int32), 16, 1, plan="greedy")
     with pytest.raises(TypeError, match="int32"):
-        get_mla_metadata(torch.tensor([5, 6]), 16, 1)
+        plan_mla_splits(torch.tensor([5, 6]), 16, 1)
     with pytest.raises(ValueError, match="1-D"):
-        get_mla_metadata(torch.zeros(2, 2, dtype=torch.int32), 16, 1)
+        plan_mla_splits(torch.zeros(2, 2, dtype=torch.int32), 16, 1)
 
 
 def test_empty_batch_launches_nothing(no_launch):
     q = torch.randn(0, 1, 16, 576, device=DEV).bfloat16()
     k_cache = torch.randn(2, 64, 1, 576, device=DEV).bfloat16()
     lens = torch.zeros(0, dtype=torch.int32, device=DEV)
-    meta, ns = get_mla_metadata(lens, 16, 1)
+    meta, _ = get_mla_metadata()
     out, lse = flash_mla_with_kvcache(q, k_cache, torch.zeros(0, 4, dtype=torch.int32,
-                                                              device=DEV), lens, 512, meta, ns)
+                                                              device=DEV), lens, 512, meta)
     assert out.shape == (0, 1, 16, 512) and lse.shape == (0, 16, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile: the plan and the decode are custom ops, so a model traces in one graph.
+
+def _two_layers(q, k_cache, block_table, cache_seqlens, sched):
+    """What a model does per step: one sched meta (made here, or passed in) for all
+    layers; torch ops around the attention."""
+    local, _ = get_mla_metadata()
+    o1, lse1 = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, sched,
+                                      causal=True)
+    q2 = q * 0.5 + o1.sum(-1, keepdim=True) * 1e-3
+    o2, lse2 = flash_mla_with_kvcache(q2, k_cache, block_table, cache_seqlens, 512, sched,
+                                      causal=True)
+    o3, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, local)
+    return o1, o2 * 2, lse1 + lse2, o3
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    q, k_cache, bt, lens = make_problem([70, 5], 2, 8, 1, torch.bfloat16, seed=6)
+    eager = _two_layers(q, k_cache, bt, lens, get_mla_metadata()[0])
+    compiled = torch.compile(_two_layers, fullgraph=True, backend="aot_eager")
+    sched, _ = get_mla_metadata()
+    got = compiled(q, k_cache, bt, lens, sched)
+    assert sched.have_initialized and sched.config.s_q == 2   # planned inside, as eager
+    assert isinstance(sched.tile_scheduler_metadata, torch.Tensor)
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
+    ref, _ = paged_mla_decode_ref(q, k_cache, bt, lens, 512, causal=True)
+    assert_close(got[0], ref, dtype=torch.bfloat16, name="compiled out")
 
 
 # ----------------------------------------------------------------------------------------

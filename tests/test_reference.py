@@ -89,3 +89,47 @@ def test_flops_convention():
     f = attention_flops(2, 128, 128, 4, 64)
     assert f == 4 * 2 * 128 * 128 * 4 * 64
     assert attention_flops(2, 128, 128, 4, 64, causal=True, mode="fwd_bwd") == 3.5 * f / 2
+
+
+# flash-attn 2.8.3's options (window_size, softcap, alibi_slopes)
+
+def test_window_minus_one_zero_is_causal_and_wide_windows_are_none():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, n, 2, 8, generator=g) for n in (9, 13, 13))
+    causal = attention_ref(q, k, v, causal=True)
+    for kw in (dict(window_size=(-1, 0)), dict(window_size=(40, 0)),
+               dict(window_size=(-1, 5), causal=True)):
+        out, lse = attention_ref(q, k, v, **kw)
+        assert_close(out, causal[0])
+        assert_close(lse, causal[1])
+    plain = attention_ref(q, k, v)
+    out, lse = attention_ref(q, k, v, window_size=(13, 13))  # >= seqlen_k: unbounded
+    assert_close(out, plain[0])
+    assert_close(lse, plain[1])
+
+
+def test_window_mask_row_by_row():
+    """Row i sees keys i + sk - sq - left <= j <= i + sk - sq + right, bottom-right."""
+    g = torch.Generator().manual_seed(8)
+    sq, sk, (wl, wr) = 7, 11, (2, 1)
+    q, k, v = (torch.randn(1, n, 1, 4, generator=g, dtype=torch.float64) for n in (sq, sk, sk))
+    out, _ = attention_ref(q, k, v, window_size=(wl, wr), compute_dtype=torch.float64)
+    for i in range(sq):
+        lo, hi = max(i + sk - sq - wl, 0), min(i + sk - sq + wr, sk - 1)
+        s = (k[0, lo:hi + 1, 0] @ q[0, i, 0]) / 2.0
+        assert_close(out[0, i, 0], torch.softmax(s, 0) @ v[0, lo:hi + 1, 0])
+
+
+def test_softcap_to_infinity_is_plain_and_alibi_is_a_bias():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, n, 2, 8, generator=g, dtype=torch.float64) for n in (5, 6, 6))
+    plain = attention_ref(q, k, v, compute_dtype=torch.float64)
+    capped = attention_ref(q, k, v, softcap=1e7, compute_dtype=torch.float64)
+    assert_close(capped[0], plain[0], atol=1e-8, rtol=1e-8)
+    slopes = torch.tensor([0.5, 0.25])
+    out, lse = attention_ref(q, k, v, alibi_slopes=slopes, compute_dtype=torch.float64)
+    i, j = torch.arange(5)[:, None], torch.arange(6)[None, :]
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * 8 ** -0.5
+    s = s - slopes[:, None, None].double() * (i + 1 - j).abs()
+    assert_close(lse, torch.logsumexp(s, -1))
+    assert_close(out, torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v))

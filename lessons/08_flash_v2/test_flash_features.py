@@ -230,6 +230,7 @@ def _clamped(cu, total, max_len):
     ([0, 30, 10, 10], [0, 25, 5, 40], 40, 40),          # decreasing (keys overlap)
     ([0, 30, 10, 10], [0, 25, 30, 60], 40, 40),         # decreasing, no overlap
     ([0, 20, 500], [-7, 10, 900], 40, 40),              # past the end, negative start
+    ([-9, 20, 48], [0, 30, 60], 40, 40),                # negative start of the queries
     ([0, 50, 60], [0, 44, 60], 20, 17),                 # longer than max_seqlen
     ([5, 25, 30], [3, 33, 38], 30, 30),                 # cu[0] > 0 and unused tail rows
     ([0, 30, 10, 45], [0, 20, 40, 60], 40, 40),         # overlapping sequences

@@ -3,6 +3,8 @@
     python lessons/09_mla/main.py            # MLA both ways, then the kernel vs the reference
     python lessons/09_mla/main.py --bench    # FlashMLA's benchmark: ours, torch, the ceilings
     python lessons/09_mla/main.py --sweep    # tile-config sweep on five representative cases
+    python lessons/09_mla/main.py --model    # a DeepSeek-style decoder: tokens/s, ours vs torch
+    python lessons/09_mla/main.py --bench --quick   # a few cases of the benchmark
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # noqa: E401,E702
@@ -13,6 +15,12 @@ from common.cli import lesson_args
 def _more(parser):
     parser.add_argument("--sweep", action="store_true",
                         help="compare tile configs of the decode kernel (GPU only)")
+    parser.add_argument("--model", action="store_true",
+                        help="a DeepSeek-style decoder (mla_model.py) serving requests: "
+                             "tokens/s with our kernel vs the torch path")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --bench or --model: a few cases only (minutes -> ~1 min; "
+                             "saved under *_quick names)")
 
 
 args = lesson_args(__doc__, _more)
@@ -32,7 +40,7 @@ import flash_mla  # noqa: E402
 from problems import (flashmla_flops_bytes, flashmla_lens, paged_cache,  # noqa: E402
                       torch_gather_sdpa, triton_cdiv)
 from flash_mla import (HEAD_DIM_K, HEAD_DIM_V, MLAConfig,  # noqa: E402
-                       flash_mla_with_kvcache, get_mla_metadata)
+                       flash_mla_with_kvcache, get_mla_metadata, plan_mla_splits)
 from mla_layer import DEEPSEEK_V2, MLALayer, MLAShapes, cache_bytes_per_token  # noqa: E402
 
 console = Console()
@@ -80,16 +88,16 @@ def check_kernel():
     for lens, sq, hq, causal in cases:
         k_cache, block_table, cache_seqlens = paged_cache(lens, 1, torch.bfloat16, seed=len(lens))
         q = torch.randn(len(lens), sq, hq, HEAD_DIM_K, device=DEV).to(torch.bfloat16)
-        meta, num_splits = get_mla_metadata(cache_seqlens, sq * hq, 1)
+        sched, _ = get_mla_metadata()
         out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
-                                          meta, num_splits, causal=causal)
+                                          sched, causal=causal)   # plans into sched
         ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, block_table, cache_seqlens,
                                                 HEAD_DIM_V, causal=causal)
         assert_close(out, ref_out, dtype=torch.bfloat16, name="out")
         assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
         finite = torch.isfinite(ref_lse)
         table.add_row(str(len(lens)), str(max(lens)), str(sq), str(hq), str(causal),
-                      str(int(num_splits[-1])), f"{rel_error(out, ref_out):.1e}",
+                      str(int(sched.num_splits[-1])), f"{rel_error(out, ref_out):.1e}",
                       f"{(lse[finite] - ref_lse[finite]).abs().max().item():.1e}")
     console.print(table)
 
@@ -123,7 +131,7 @@ def sweep(batch=128, mean=4096, ceilings=None):
             rows = sq * hq
             q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=torch.bfloat16)
             flops, nbytes = flashmla_flops_bytes(lens, sq, hq, 1)
-            meta0, ns0 = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=sms)
+            meta0, ns0 = plan_mla_splits(cache_seqlens, rows, 1, num_sm_parts=sms)
             ref, _ = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta0,
                                             ns0, causal=sq > 1, config=MLAConfig())
             for cfg0 in SWEEP_CONFIGS:
@@ -132,13 +140,12 @@ def sweep(batch=128, mean=4096, ceilings=None):
                 for per_sm in ((1, 2) if cfg0.block_m <= 32 and rows <= 32 else (1,)):
                     cfg = cfg0._replace(parts_per_sm=per_sm, resident_per_sm=per_sm)
                     slots = max(1, per_sm * sms // triton_cdiv(rows, cfg.block_m))
-                    meta, ns = get_mla_metadata(cache_seqlens, rows, 1, num_sm_parts=slots,
-                                                num_slots=slots)
+                    meta, ns = plan_mla_splits(cache_seqlens, rows, 1, num_sm_parts=slots,
+                                               num_slots=slots)
 
                     def run():
                         return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
-                                                      512, meta, ns, causal=sq > 1,
-                                                      check_lengths=False, config=cfg)
+                                                      512, meta, ns, causal=sq > 1, config=cfg)
                     try:
                         out, _ = run()
                         assert_close(out, ref, dtype=torch.bfloat16, name=str(cfg))
@@ -170,7 +177,7 @@ def sweep(batch=128, mean=4096, ceilings=None):
 # ----------------------------------------------------------------------------------------
 # --bench: FlashMLA's benchmark.
 
-def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
+def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128), suffix=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,8 +186,8 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
     # default_config's tiles (chosen with --sweep), recorded with every row
     title = (f"MLA decoding, FlashMLA's setup: batch {batch}, heads_k 1, bf16, d_qk 576, "
              "d_v 512, pages of 64 in random order")
-    rep_bw = BenchReport(LESSON, "mla_decode_gbps", "GB/s", title, ceilings)
-    rep_fl = BenchReport(LESSON, "mla_decode_tflops", "TFLOPS", title, ceilings)
+    rep_bw = BenchReport(LESSON, "mla_decode_gbps" + suffix, "GB/s", title, ceilings)
+    rep_fl = BenchReport(LESSON, "mla_decode_tflops" + suffix, "TFLOPS", title, ceilings)
     dtype = torch.bfloat16
     for mean in means:
         for varlen in (False, True):
@@ -190,29 +197,39 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
                 for sq in (1, 2):
                     causal = sq > 1
                     q = torch.randn(batch, sq, hq, HEAD_DIM_K, device=DEV, dtype=dtype)
-                    meta, num_splits = get_mla_metadata(cache_seqlens, sq * hq, 1)
+                    # What a user's default call does, and FlashMLA's benchmark too: one
+                    # sched meta, planned by the first call (the check just below) and
+                    # reused by every timed call. No host sync; the device-side value
+                    # check (a flag and two torch._assert_async) is included.
+                    sched, _ = get_mla_metadata()
                     scale = HEAD_DIM_K ** -0.5
 
                     def ours():
                         return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
-                                                      HEAD_DIM_V, meta, num_splits,
-                                                      causal=causal, check_lengths=False)
+                                                      HEAD_DIM_V, sched, causal=causal)
 
                     def peer():
                         return torch_gather_sdpa(q, k_cache, block_table, cache_seqlens, scale,
                                                  causal)
                     out, _ = ours()
+                    num_splits = sched.num_splits
                     t_ours = bench(ours)
                     # the same calls replayed from a CUDA graph: no host in the way (our
                     # Python wrapper's host time per call is close to the GPU's at 4096)
                     t_graph = bench(ours, cuda_graph=True)
-                    # the same kernel under FlashMLA's plan (equal shares in batch order)
-                    meta_sh, ns_sh = get_mla_metadata(cache_seqlens, sq * hq, 1, plan="shares")
+                    # what the device-side value check costs: the same calls without it
+                    flash_mla._DEVICE_CHECKS = False
+                    try:
+                        t_nocheck = bench(ours)
+                    finally:
+                        flash_mla._DEVICE_CHECKS = True
+                    # the same kernel under FlashMLA's plan (equal shares in batch order),
+                    # passed in the 2025 form (our planner's two tensors)
+                    meta_sh, ns_sh = plan_mla_splits(cache_seqlens, sq * hq, 1, plan="shares")
 
                     def shares():
                         return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
-                                                      HEAD_DIM_V, meta_sh, ns_sh,
-                                                      causal=causal, check_lengths=False)
+                                                      HEAD_DIM_V, meta_sh, ns_sh, causal=causal)
                     assert_close(shares()[0], out, dtype=dtype, name="shares plan")
                     t_shares = bench(shares)
                     try:
@@ -235,6 +252,8 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
                                 **extra)
                         rep.add(case, "ours, CUDA graph", t_graph,
                                 conv(amount, t_graph.median_ms))
+                        rep.add(case, "ours, no device check", t_nocheck,
+                                conv(amount, t_nocheck.median_ms))
                         rep.add(case, "ours, FlashMLA's shares plan", t_shares,
                                 conv(amount, t_shares.median_ms), splits=int(ns_sh[-1]))
                         rep.add(case, "torch gather+SDPA", t_peer,
@@ -248,7 +267,8 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
                                   f"s_q {sq}: ours {t_ours.median_ms * 1e3:8.1f} us "
                                   f"{gbps(nbytes, t_ours.median_ms):6.0f} GB/s "
                                   f"{tflops(flops, t_ours.median_ms):5.0f} TFLOPS | graph "
-                                  f"{gbps(nbytes, t_graph.median_ms):6.0f} GB/s | shares "
+                                  f"{gbps(nbytes, t_graph.median_ms):6.0f} GB/s | no check "
+                                  f"{gbps(nbytes, t_nocheck.median_ms):6.0f} GB/s | shares "
                                   f"{gbps(nbytes, t_shares.median_ms):6.0f} GB/s | torch "
                                   + ("OOM" if t_peer is None else
                                      f"{t_peer.median_ms * 1e3:8.1f} us "
@@ -262,7 +282,8 @@ def benchmark(batch=128, means=(4096, 8192, 16384), heads=(16, 32, 64, 128)):
         rep.print()
         path = rep.save()
         console.print(f"saved {path}")
-    plot(rep_bw, rep_fl, path.parent / f"mla_decode-{path.stem.split('-', 1)[1]}.png", plt)
+    plot(rep_bw, rep_fl,
+         path.parent / f"mla_decode{suffix}-{path.stem.split('-', 1)[1]}.png", plt)
 
 
 def plot(rep_bw, rep_fl, path, plt):
@@ -296,8 +317,14 @@ def plot(rep_bw, rep_fl, path, plt):
 
 
 if __name__ == "__main__":
-    if args.bench:
-        benchmark()
+    if args.model:
+        import mla_model
+        mla_model.serve_benchmark(quick=args.quick)
+    elif args.bench:
+        if args.quick:     # the headline cases: memory-bound and compute-bound, mean 4096
+            benchmark(means=(4096,), heads=(16, 128), suffix="_quick")
+        else:
+            benchmark()
     elif args.sweep:
         if runtime.is_emulated():
             console.print("--sweep needs a GPU. Nothing to do.")

@@ -46,9 +46,10 @@ def compile_decode(block_m, block_dv, num_warps, num_stages, seqlen_q=1, heads_q
                 stride_ob=seqlen_q * heads_q * 512, stride_os=heads_q * 512, stride_oh=512,
                 stride_lb=heads_q * seqlen_q, stride_lh=seqlen_q, stride_as=rows * 512,
                 stride_ah=rows * 512, seqlen_q=seqlen_q, group=heads_q, rows=rows)
+    unspecialized = {"batch", "max_len", "num_pages", "max_splits"}   # do_not_specialize
     ptrs = dict(q_ptr=dtype, k_ptr=dtype, out_ptr=dtype, block_table_ptr="i32",
                 seqlens_ptr="i32", meta_ptr="i32", num_splits_ptr="i32", lse_ptr="fp32",
-                o_acc_ptr="fp32", lse_acc_ptr="fp32", trace_ptr="i64")
+                o_acc_ptr="fp32", lse_acc_ptr="fp32", trace_ptr="i64", flags_ptr="i32")
     consts = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=64, D_LATENT=512, D_ROPE=64,
                   BLOCK_DV=block_dv, META=8, DOT_FP32=False, TRACE=False)
     sig, constexprs, attrs = {}, {}, {}
@@ -60,6 +61,8 @@ def compile_decode(block_m, block_dv, num_warps, num_stages, seqlen_q=1, heads_q
             sig[name], constexprs[name] = "constexpr", consts[name]
         elif name == "qk_scale":
             sig[name] = "fp32"
+        elif name in unspecialized:
+            sig[name] = "i32"
         elif ints[name] == 1:
             sig[name], constexprs[name] = "constexpr", 1
         else:

@@ -439,8 +439,9 @@ def test_debug_checks_reject_bad_values_before_launch(no_launch, what, mutate, a
 
 @pytest.mark.skipif(not runtime.is_emulated(), reason="on a GPU the device assert kills the "
                     "process: test_gpu_device_check_raises runs it in a subprocess")
-@pytest.mark.parametrize("form", ["sched meta", "2025"])
-@pytest.mark.parametrize("what,mutate,arg,match", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+@pytest.mark.parametrize("what,mutate,arg,match,form", [
+    b + ("sched meta",) for b in BAD_VALUES] + [b + ("2025",) for b in BAD_VALUES[1:4:2]],
+    ids=[b[0] for b in BAD_VALUES] + [b[0] + " (2025 form)" for b in BAD_VALUES[1:4:2]])
 def test_device_check_raises_on_bad_values(what, mutate, arg, match, form):
     """Without debug_checks no value is read back: the kernels clear a flag, and
     torch._assert_async raises (on the CPU at once, on a GPU at the next sync)."""
@@ -494,16 +495,17 @@ def views_in_poison(lens, seqlen_q=1, heads_q=16, seed=0, extra_cols=3):
     return q, k_cache, block_table, _lens(*lens)
 
 
-@pytest.mark.parametrize("bad", ["entry past the cache", "negative entry", "long length",
-                                 "negative length", "none"])
-@pytest.mark.parametrize("form", ["sched meta", "2025"])
+@pytest.mark.parametrize("bad,form", [
+    ("entry past the cache", "sched meta"), ("negative entry", "sched meta"),
+    ("long length", "sched meta"), ("negative length", "sched meta"), ("none", "sched meta"),
+    ("entry past the cache", "2025"), ("long length", "2025")])
 def test_bad_values_read_nothing_outside(monkeypatch, bad, form):
     """With the device check off (to see the outputs), a bad value in one sequence: the
     other sequences' outputs are the reference's, and the bad one reads only inside the
     tensors given: its length is clamped to [0, block_table.shape[1] x 64] and its table
     entries to [0, num_pages), which is what the reference is given for it."""
     monkeypatch.setattr(flash_mla, "_DEVICE_CHECKS", False)
-    lens = [70, 200, 5, 129]
+    lens = [70, 130, 5]
     q, k_cache, bt, cache_seqlens = views_in_poison(lens, seed=3)
     num_pages, width = k_cache.shape[0], bt.shape[1]
     clamped_bt, clamped_lens = bt.clone(), cache_seqlens.clone()
@@ -726,7 +728,7 @@ def test_gpu_trace_records_every_program():
     lens = flashmla_lens(32, 3000, True, 1, seed=5)
     q, k_cache, block_table, cache_seqlens = make_problem(lens, 1, 16, 1, torch.bfloat16,
                                                           seed=6)
-    meta, ns = get_mla_metadata(cache_seqlens, 16, 1)
+    meta, ns = plan_mla_splits(cache_seqlens, 16, 1)
     args = (q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, meta, ns)
     cfg = flash_mla.default_config(16)
     grid = flash_mla.decode_grid(16, 1, meta.shape[0], cfg)
@@ -740,3 +742,125 @@ def test_gpu_trace_records_every_program():
     assert ((rec[:, 0] >= 0) & (rec[:, 0] < sms)).all()
     assert (rec[:, 1] > 0).all() and (rec[:, 2] >= rec[:, 1]).all()
     assert (rec[:, 2] - rec[:, 1]).max() < 10**9             # no program took a second
+
+
+# ----------------------------------------------------------------------------------------
+# On the GPU: the device-side check, no host sync, torch.compile (inductor), CUDA graphs.
+
+ROOT = Path(__file__).resolve().parents[2]
+_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}, {lesson!r}]
+    from common import runtime
+    import torch
+    import flash_mla
+    import test_flash_mla as t
+    args = t._good()
+    if sys.argv[1] != "none":
+        dict((b[0], b[1]) for b in t.BAD_VALUES)[sys.argv[1]](args)
+    out, lse = flash_mla.flash_mla_with_kvcache(**args)
+    try:
+        torch.cuda.synchronize()
+        print("RESULT: no error", flush=True)
+    except RuntimeError as e:
+        print("RESULT: raised", str(e).splitlines()[0], flush=True)
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what,arg", [("none", None)] + [(b[0], b[2]) for b in BAD_VALUES],
+                         ids=["none"] + [b[0] for b in BAD_VALUES])
+def test_gpu_device_check_raises(what, arg):
+    """A device-side assert poisons the CUDA context, so each case runs in its own
+    process: the bad value is found without a host sync in the call, and raises at the
+    next one, with the message naming the argument (CUDA prints it)."""
+    script = _SCRIPT.format(root=str(ROOT), lesson=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", script, what], capture_output=True, text=True,
+                       timeout=600)
+    output = r.stdout + r.stderr
+    if arg is None:
+        assert "RESULT: no error" in r.stdout, output[-3000:]
+        return
+    assert "RESULT: raised" in r.stdout and "device-side assert" in r.stdout, output[-3000:]
+    msg = flash_mla.MSG_BAD_SEQLENS if arg == "cache_seqlens" else flash_mla.MSG_BAD_TABLE
+    assert msg[:50] in output, output[-3000:]
+
+
+@pytest.mark.gpu
+def test_gpu_default_call_never_syncs():
+    """torch's sync debug mode turns any host sync into an error: the default call,
+    planning (fresh sched meta) or reusing the plan, makes none; debug_checks does."""
+    lens = flashmla_lens(32, 1000, True, 1, seed=2)
+    q, k_cache, bt, cache_seqlens = make_problem(lens, 1, 16, 1, torch.bfloat16, seed=2)
+    flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, 512, get_mla_metadata()[0])
+    torch.cuda.synchronize()                     # compiled and loaded before the check
+    sched, _ = get_mla_metadata()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, 512, sched)
+        out2, _ = flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, 512, sched)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, 512, get_mla_metadata()[0],
+                                   debug_checks=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref, _ = paged_mla_decode_ref(q, k_cache, bt, cache_seqlens, 512)
+    assert_close(out, ref, dtype=torch.bfloat16, name="out")
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_torch_compile_inductor(mode):
+    torch._dynamo.reset()
+    lens = flashmla_lens(8, 500, True, 2, seed=4)
+    q, k_cache, bt, cache_seqlens = make_problem(lens, 2, 16, 1, torch.bfloat16, seed=4)
+    eager = _two_layers(q, k_cache, bt, cache_seqlens, get_mla_metadata()[0])
+    compiled = torch.compile(_two_layers, fullgraph=True, mode=mode)
+    for _ in range(3):                  # reduce-overhead records its CUDA graph later
+        got = [t.clone() for t in compiled(q, k_cache, bt, cache_seqlens,
+                                           get_mla_metadata()[0])]
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[3], eager[3])
+    # inductor fuses q * 0.5 + ... in fp32, eager rounds each op: bf16-level differences
+    assert_close(got[1], eager[1], dtype=torch.bfloat16, name="second layer")
+    assert_close(got[2], eager[2], atol=2e-2, rtol=1e-3, name="lse1 + lse2")
+    ref, _ = paged_mla_decode_ref(q, k_cache, bt, cache_seqlens, 512, causal=True)
+    assert_close(got[0], ref, dtype=torch.bfloat16, name="compiled out")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replans_inside_the_graph():
+    """A default call captured in a CUDA graph, with a fresh sched meta, so the plan is
+    captured too; replayed with new q, new cache contents, new table and new lengths in
+    the static inputs, it gives the reference result for the new values."""
+    batch, cap_lens = 16, [1400] * 16
+    q, k_cache, bt, cache_seqlens = make_problem(cap_lens, 2, 16, 1, torch.bfloat16, seed=1)
+
+    def step():
+        sched, _ = get_mla_metadata()
+        return flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, 512, sched, causal=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for seed in (2, 3):
+        lens = flashmla_lens(batch, 600, True, 2, seed=seed) + []
+        lens[seed] = 0
+        q2, k2, bt2, lens2 = make_problem(lens, 2, 16, 1, torch.bfloat16, seed=seed)
+        assert k2.shape[0] <= k_cache.shape[0] and bt2.shape[1] <= bt.shape[1]
+        q.copy_(q2)
+        k_cache.fill_(float("nan"))
+        k_cache[:k2.shape[0]] = k2
+        bt.fill_(2147480000)
+        bt[:, :bt2.shape[1]] = bt2
+        cache_seqlens.copy_(lens2)
+        graph.replay()
+        ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, bt, cache_seqlens, 512, causal=True)
+        assert_close(out, ref_out, dtype=torch.bfloat16, name=f"replay {seed}")
+        assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name=f"lse, replay {seed}")

@@ -49,9 +49,9 @@ def test_absorbed_form_through_the_kernel():
 
     def attend(q, kv, scale):
         k_cache, block_table, lens = flash_mla.pack_pages(kv[:, :, None].to(dev, torch.bfloat16))
-        meta, splits = flash_mla.get_mla_metadata(lens, q.shape[1], 1)
+        sched, _ = flash_mla.get_mla_metadata()
         out, _ = flash_mla.flash_mla_with_kvcache(
-            q[:, None].to(dev, torch.bfloat16), k_cache, block_table, lens, 512, meta, splits,
+            q[:, None].to(dev, torch.bfloat16), k_cache, block_table, lens, 512, sched,
             softmax_scale=scale)
         return out[:, 0].to("cpu", torch.float64)
 

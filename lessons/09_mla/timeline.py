@@ -107,7 +107,7 @@ def lanes(sm, t0, t1):
 # The measurements (GPU).
 
 def plans(variants):
-    """(name, get_mla_metadata arguments): the default plan first; with --variants also
+    """(name, plan_mla_splits arguments): the default plan first; with --variants also
     the equal plan with other knobs."""
     out = [("equal (default)", {}), ("shares (FlashMLA's)", {"plan": "shares"})]
     if variants:
@@ -159,7 +159,7 @@ def main(variants=False):
     import torch
     import flash_mla
     import problems
-    from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+    from flash_mla import flash_mla_with_kvcache, plan_mla_splits
     from common.checks import assert_close
     from common.results import environment, gpu_slug
     from common.timing import bench, gbps, host_us
@@ -185,11 +185,14 @@ def main(variants=False):
                 for name, kw in plans(variants):
                     if isinstance(kw.get("split_cost"), str):     # a multiple of the default
                         kw = dict(kw, split_cost=cfg.split_cost * float(kw["split_cost"][1:]))
-                    meta, ns = get_mla_metadata(cs, rows, 1, **kw)
+                    # the 2025 form (the plan's tensors passed in), so that each variant
+                    # can be planned and traced; the default plan is what a default
+                    # call with get_mla_metadata()'s sched meta makes
+                    meta, ns = plan_mla_splits(cs, rows, 1, **kw)
 
                     def run(trace=None):
                         return flash_mla_with_kvcache(q, k_cache, bt, cs, 512, meta, ns,
-                                                      causal=sq > 1, check_lengths=False,
+                                                      causal=sq > 1,
                                                       trace=trace)
                     out, _ = run()
                     if ref is None:

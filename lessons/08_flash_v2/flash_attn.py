@@ -1,9 +1,11 @@
-"""FlashAttention-2 in Triton: forward and backward, with flash-attn's API.
+"""FlashAttention-2 in Triton: the kernels, forward and backward.
 
-    out = flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False)
-    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                 max_seqlen_k, softmax_scale=None, causal=False,
-                                 return_lse=False)
+The public functions are flash-attn 2.8.3's, in flash_attn_interface.py (also importable
+from here, as with flash-attn: ``from flash_attn import flash_attn_func``):
+
+    out = flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                          window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                          deterministic=False, return_attn_probs=False)
 
 q (batch, seqlen_q, heads_q, headdim), k and v (batch, seqlen_k, heads_k, headdim), heads_q a
 multiple of heads_k (MQA/GQA); varlen takes packed (total_tokens, heads, headdim) tensors and
@@ -42,7 +44,6 @@ computed in float32 there (``DOT_FP32``); tests run that path.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 from common import runtime  # selects GPU or interpreter before triton is imported
@@ -969,28 +970,6 @@ def _check_common(q, k, v, nd: int, what: str):
                              f"got strides {t.stride()}")
 
 
-def _check_cu_seqlens(cu, name, total, max_seqlen, device):
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got {tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device}, q on {device}")
-    vals = cu.tolist()  # one small device-to-host copy; a wrong value would read out of bounds
-    if vals[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {vals[0]}")
-    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
-    if min(lens) < 0:
-        raise ValueError(f"{name} must be non-decreasing, got {vals}")
-    if vals[-1] != total:
-        raise ValueError(f"{name}[-1] = {vals[-1]} does not match the packed length {total}")
-    if max(lens) > max_seqlen:
-        raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence "
-                         f"of {name} ({max(lens)})")
-
-
 # Every buffer a kernel must fully write is allocated here (the tests swap in NaN-filled
 # buffers to prove that no element is left unwritten).
 _empty = torch.empty
@@ -1119,62 +1098,11 @@ def _flash_bwd(do, q, k, v, out, lse, p: _Problem, use_tma=None, tiles=None):
     return dq, dk, dv
 
 
-class _FlashAttn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, problem):
-        out, lse = _flash_fwd(q, k, v, problem)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem = problem
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, ctx.problem)
-        return dq, dk, dv, None
-
-
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False):
-    """Exact attention, flash-attn's layout: q (b, sq, hq, d), k/v (b, sk, hk, d).
-
-    Returns out (b, sq, hq, d) in q's dtype, and with ``return_lse`` also the natural-log
-    log-sum-exp, float32 (b, hq, sq), +inf for rows that see no key.
-    """
-    _check_common(q, k, v, 4, "(batch, seqlen, heads, headdim)")
-    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v seqlens differ: {k.shape[1]} vs {v.shape[1]}")
-    p = _Problem(q, k, v, softmax_scale, causal)
-    if p.sk == 0 and q.numel():  # no keys at all: every row is empty (no launch)
-        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-        lse = torch.full((p.batch, p.hq, p.sq), math.inf, device=q.device)
-        return (out, lse) if return_lse else out
-    out, lse = _FlashAttn.apply(q, k, v, p)
-    return (out, lse) if return_lse else out
-
-
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale=None, causal=False, return_lse=False):
-    """Attention over packed sequences: q (total_q, hq, d), k/v (total_k, hk, d).
-
-    cu_seqlens_* are int32 (batch + 1,) cumulative lengths starting at 0; sequences may be
-    empty. Returns out (total_q, hq, d) and with ``return_lse`` lse float32 (hq, total_q).
-    """
-    _check_common(q, k, v, 3, "(total_tokens, heads, headdim)")
-    if k.shape[0] != v.shape[0]:
-        raise ValueError(f"k and v token counts differ: {k.shape[0]} vs {v.shape[0]}")
-    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
-    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device)
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe different batch sizes: "
-                         f"{cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1}")
-    p = _Problem(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
-                 max_seqlen_q, max_seqlen_k)
-    if p.sk == 0 and q.numel():
-        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-        lse = torch.full((p.hq, q.shape[0]), math.inf, device=q.device)
-        return (out, lse) if return_lse else out
-    out, lse = _FlashAttn.apply(q, k, v, p)
-    return (out, lse) if return_lse else out
+def __getattr__(name):
+    """``from flash_attn import flash_attn_func`` keeps working, as with flash-attn itself:
+    the public functions live in flash_attn_interface.py (imported lazily, since it imports
+    this module)."""
+    import flash_attn_interface
+    if name in flash_attn_interface.__all__:
+        return getattr(flash_attn_interface, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -195,7 +195,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _maybe_contiguous(x):
     """flash-attn's rule: only a non-unit last stride forces a copy."""
-    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+    if isinstance(x, torch.Tensor) and x.dim() and x.stride(-1) != 1:
+        return x.contiguous()
+    return x                      # (anything else is rejected by the checks that follow)
 
 
 def _check_options(q, dropout_p, window_size, softcap, alibi_slopes, batch):

@@ -4,16 +4,16 @@ After the up-projections are absorbed (see ``mla_layer.py``), decoding one token
 Multi-head Latent Attention is multi-query attention: every query head reads the same
 cache rows of 576 values (512 latent + 64 RoPE key), and the values are the first 512
 channels of those same rows. This module serves that computation through the interface
-of DeepSeek's FlashMLA:
+of DeepSeek's FlashMLA, as of its commit 9241ae3 (2026-04-29):
 
-    tile_scheduler_metadata, num_splits = get_mla_metadata(
-        cache_seqlens, seqlen_q * heads_q // heads_k, heads_k)
+    sched_meta, _ = get_mla_metadata()          # empty; one per set of lengths
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
-                                      tile_scheduler_metadata, num_splits, causal=...)
+                                      sched_meta, causal=...)   # the first call plans
 
+(The 2025 form, ``plan_mla_splits``' two tensors in place of ``sched_meta``, still works.)
 A plan and two kernels, in the order they run:
 
-1. ``get_mla_metadata`` plans the work (a few small tensor ops on the device, no host
+1. ``plan_mla_splits`` plans the work (a few small tensor ops on the device, no host
    sync): every sequence is cut into equal splits of at most ``chunk`` key blocks, and
    the splits are listed largest first. The hardware starts programs in that order, so
    the long pieces start early and the short ones fill the gaps at the end: one long and
@@ -33,6 +33,10 @@ A plan and two kernels, in the order they run:
 
 Everything is masked by ``cache_seqlens`` *before* it is loaded: table slots and cache
 rows that no sequence owns are never read (the tests fill them with NaN and garbage).
+Whatever the values of cache_seqlens and block_table, every index is clamped into the
+tensors given; a bad value clears a flag that ``torch._assert_async`` turns into an error
+at the next sync (no host sync per call). ``course::mla_plan`` and ``course::mla_decode``
+are custom ops, so ``torch.compile(fullgraph=True)`` traces through the wrapper.
 Names follow FlashAttention-2: ``m_i`` running max, ``l_i`` running sum, ``acc`` the
 unnormalised output, exp2 with log2(e) folded into the scale.
 """

@@ -203,9 +203,19 @@ class MLADecoder:
     def decode_step(self, tokens: torch.Tensor, cache: PagedLatentCache, attention="kernel"):
         """tokens (batch,) on the device -> logits (batch, vocab). Appends each token's
         rows to the cache. attention: "kernel" (flash_mla_with_kvcache) or "torch"."""
+        self.prepare_step(cache)
+        return self.step_on_device(tokens, cache, attention)
+
+    @staticmethod
+    def prepare_step(cache: PagedLatentCache):
+        """The host's part of a step: pages for one more token per request."""
+        cache.grow([n + 1 for n in cache.lens])
+
+    def step_on_device(self, tokens: torch.Tensor, cache: PagedLatentCache,
+                       attention="kernel"):
+        """The device's part of a step (what a CUDA graph can capture)."""
         batch = tokens.shape[0]
         pos = cache.seqlens.long()                        # where the new token goes
-        cache.grow([n + 1 for n in cache.lens])
         cache.seqlens += 1                                # on the device, no sync
         bidx = torch.arange(batch, device=self.device)
         sched, _ = get_mla_metadata()                     # one per step, for all layers
@@ -255,6 +265,44 @@ def generate(model: MLADecoder, cache: PagedLatentCache, first: torch.Tensor, st
         toks.append(tok)
         logits.append(lg)
     return torch.stack(toks), torch.stack(logits)
+
+
+class GraphedSteps:
+    """The device part of a decoding step captured in a CUDA graph (GPU only), as a
+    serving engine runs it: per step the host allocates pages, then replays. The graph
+    holds a fresh sched meta per replay (the plan is captured too), the new token's rows,
+    the layers, and the greedy choice, written back into its static token buffer."""
+
+    def __init__(self, model: MLADecoder, cache: PagedLatentCache, first: torch.Tensor,
+                 attention: str):
+        self.model, self.cache, self.attention = model, cache, attention
+        self.tokens = first.clone()
+        model.prepare_step(cache)                   # the page the warm-up writes into
+        saved = cache.seqlens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.step_on_device(self.tokens, cache, attention)
+                cache.seqlens.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.step_on_device(self.tokens, cache, attention)
+            self.tokens.copy_(self.logits.argmax(-1))
+        cache.seqlens.copy_(saved)
+        self.first_step_prepared = True
+
+    def step(self):
+        if not self.first_step_prepared:
+            self.model.prepare_step(self.cache)
+        self.first_step_prepared = False
+        self.graph.replay()
+        return self.tokens
+
+
+def generate_graphed(runner: GraphedSteps, steps: int):
+    return torch.stack([runner.step().clone() for _ in range(steps)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -324,12 +372,40 @@ def serve_benchmark(quick=False):
                     mean_prompt=sum(prompt_lens) / batch)
             console.print(f"batch {batch} {name}: " + ("n/a (emulation)" if tps is None else
                           f"{timing.median_ms:.2f} ms per step, {tps:,.0f} tokens/s"))
+            if gpu:   # the same loop with each step replayed from a CUDA graph
+                try:
+                    per_step = []
+                    for r in range(repeats + 1):
+                        cache.restore(start)
+                        runner = GraphedSteps(model, cache, first, attention)
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        toks_g = generate_graphed(runner, steps)
+                        torch.cuda.synchronize()
+                        if r:                               # the first one: a warm-up
+                            per_step.append((time.perf_counter() - t) * 1e3 / steps)
+                        del runner
+                    per_step.sort()
+                    timing = Timing(statistics.median(per_step), per_step[0], per_step[-1],
+                                    per_step[0], len(per_step))
+                    tps = batch / (timing.median_ms / 1e3)
+                    same_g = (toks_g == toks).float().mean().item()
+                    rep.add(case, name + ", CUDA graph", timing, tps,
+                            peer=attention == "torch", same_tokens_as_eager=same_g)
+                    console.print(f"batch {batch} {name}, CUDA graph: {timing.median_ms:.2f} "
+                                  f"ms per step, {tps:,.0f} tokens/s (tokens as eager: "
+                                  f"{same_g:.1%})")
+                except Exception as e:   # report it and go on: the eager rows stand
+                    console.print(f"[red]batch {batch} {name}, CUDA graph failed: "
+                                  f"{type(e).__name__}: {str(e)[:300]}[/red]")
         (tk, lk), (tt, lt) = results["kernel"], results["torch"]
         same = (tk == tt).float().mean().item()
         console.print(f"batch {batch}: the two paths agree on {same:.1%} of the tokens; "
                       f"first step's logits differ by {rel_error(lk[0], lt[0]):.1e} (rel)")
-        for r in rep.rows[-2:]:
-            r.extra.update(same_tokens=same, first_logits_rel_err=rel_error(lk[0], lt[0]))
+        for r in rep.rows:
+            if r.case["batch"] == batch:
+                r.extra.update(same_tokens_kernel_vs_torch=same,
+                               first_logits_rel_err=rel_error(lk[0], lt[0]))
         del cache
         if gpu:
             torch.cuda.empty_cache()

@@ -946,7 +946,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor,
             sched.config = want
             sched.tile_scheduler_metadata, sched.num_splits = meta, ns
         else:
-            _check_sched_config(sched.config, want)
+            if sched.config != want:     # one tuple comparison; the details on mismatch
+                _check_sched_config(sched.config, want)
             meta, ns = sched.tile_scheduler_metadata, sched.num_splits
     cfg = config or default_config(rows)
     if trace is not None or not compiling:

@@ -104,9 +104,10 @@ class PagedLatentCache:
                 cols.append(len(self.pages[b]))
                 vals.append(page)
                 self.pages[b].append(page)
-        if rows:   # one small host-to-device copy, no sync
-            self.block_table[rows, cols] = torch.tensor(vals, dtype=torch.int32).to(
+        if rows:   # one small host-to-device copy (non_blocking: no stream sync)
+            idx = torch.tensor([rows, cols, vals], dtype=torch.int64).to(
                 self.block_table.device, non_blocking=True)
+            self.block_table[idx[0], idx[1]] = idx[2].to(torch.int32)
         self.lens = list(new_lens)
 
     def write(self, layer: int, batch_idx: torch.Tensor, pos: torch.Tensor,

@@ -1,6 +1,7 @@
 """The tools under scripts/: doctor's known-bad combinations, the GPU-only tools under
 emulation, and the README blocks generated from result files."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +13,20 @@ import pytest
 from common import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import doctor  # noqa: E402
-import update_readmes  # noqa: E402
+
+def _load(name):
+    """A script as a module, without putting scripts/ on sys.path: scripts/profile.py
+    would shadow the standard library's `profile` (which cProfile, and so torch.compile,
+    imports) for every later test in the process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+doctor = _load("doctor")
+update_readmes = _load("update_readmes")
 
 
 def _script(*args):

@@ -11,7 +11,8 @@ fast one in steps; each rung below is its own kernel, with what changed and why:
    threads are scattered over every warp, so every warp keeps running until the end.
 2. ``interleaved_strided``    the same tree, indexed ``2*s*tid``: active threads are the
    first ones, whole warps retire early. Now strided shared-memory accesses cause bank
-   conflicts (thread t touches word 2*s*t: 2-, 4-, ... 32-way conflicts).
+   conflicts (thread t touches word 2*s*t: with 256 threads 2-, 4-, 8-, 8-, 8-, 4-, 2-way
+   for s = 1 ... 64, never 32-way: the README derives it).
 3. ``sequential``             the tree folds the upper half onto the lower half
    (``sdata[tid] += sdata[tid + s]``): consecutive threads touch consecutive words, no
    bank conflicts. Half the threads idle from the first step.
@@ -122,8 +123,11 @@ def make_interleaved_strided(op: Op, block: int):
         while s < block:
             # Same pairs as rung 1, but thread t handles pair 2*s*t: the working threads
             # are the *first* block/(2s), so whole warps go idle (no divergence until
-            # fewer than 32 remain). Thread t reads word 2*s*t: with 32 banks of 4 bytes,
-            # s=1 is a 2-way bank conflict, s=16 a 32-way one.
+            # fewer than 32 remain). Thread t reads word 2*s*t, in bank 2*s*t mod 32: a
+            # warp's lanes share 32/min(2s, 32) banks, so s=1 is a 2-way bank conflict,
+            # s=2 4-way, s=4 8-way; from s=8 on fewer lanes work (B/(2s)) and the degree
+            # stays 8 at s=8 and 16 (16 lanes on 2 banks, 8 lanes on 1), then 4, 2, 1.
+            # 32-way would need 32 lanes at s=16: 1024-thread blocks.
             index = 2 * s * tid
             if index < block:
                 sdata[index] = combine(sdata[index], sdata[index + s])

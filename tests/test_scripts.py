@@ -96,3 +96,29 @@ def test_readme_blocks_and_summary_come_from_the_json(tmp_path, monkeypatch):
     summary = top.read_text()
     assert "2,900.0 GB/s (7 grid-stride)" in summary and "0.98x" in summary
     assert "97% of copy bandwidth" in summary
+
+
+def test_summary_ceiling_never_contradicts_the_peer_ratio():
+    """Lesson 03's run recorded a bf16 ceiling of 672 TFLOPS (measured before the
+    benchmark) while cuBLAS bf16 itself reached 787 in the same run: the summary must say
+    92% (= the 0.92x against that peer), not 108% of cuBLAS bf16."""
+    row = lambda impl, v, peer=False: {"case": {"size": "8192^3"}, "impl": impl,  # noqa: E731
+                                       "peer": peer, "value": v}
+    data = {"name": "sweep", "metric": "TFLOPS",
+            "ceilings": {"copy_gbps": 3030.7, "bf16_tflops": 672.2},
+            "rows": [row("cuBLAS bf16", 787.4, peer=True), row("triton bf16 tma", 726.4),
+                     row("triton bf16 pointers", 677.4)]}
+    line = update_readmes.summary_row("03_matmul", data, {"size": "8192^3"}, "triton bf16",
+                                      "cuBLAS bf16", "bf16")
+    assert "| 0.92x | 92% of cuBLAS bf16 8192^3, same run |" in line, line
+    # where the same-run peer is slower than the recorded ceiling, the ceiling stands
+    data["rows"][0]["value"] = 650.0
+    line = update_readmes.summary_row("03_matmul", data, {"size": "8192^3"}, "triton bf16",
+                                      "cuBLAS bf16", "bf16")
+    assert "| 1.12x | 108% of cuBLAS bf16 8192^3 |" in line, line
+    # no recorded ceiling: the same-run device copy is the ceiling; none at all: empty
+    assert update_readmes.ceiling_fraction(
+        2789.1, [{"impl": "device copy (ceiling)", "peer": True, "value": 3029.0}], {},
+        "copy") == "92% of copy bandwidth, same run"
+    assert update_readmes.ceiling_fraction(1.0, [], {}, "bf16") == ""
+    assert update_readmes.ceiling_fraction(1.0, [], {"bf16_tflops": 2.0}, None) == ""

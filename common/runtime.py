@@ -180,7 +180,7 @@ def select(requested: str | None = None) -> str:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
         os.environ["TRITON_INTERPRET"] = "1"
         # The simulator runs one OS thread per CUDA thread; a short switch interval makes
-        # barrier-heavy kernels 2-8x faster (measured, ENVIRONMENT.md).
+        # barrier-heavy kernels 2-8x faster (measured, docs/environment.md).
         sys.setswitchinterval(1e-4)
     else:
         os.environ.pop("NUMBA_ENABLE_CUDASIM", None)

@@ -3,7 +3,7 @@
 Numba's simulator runs every CUDA thread of a block as a Python thread, and its
 ``cuda`` object inside a kernel (``numba.cuda.simulator.kernelapi.FakeCUDAModule``)
 knows ``syncthreads`` and atomics but not ``shfl_*_sync``, ``syncwarp`` or the vote
-functions (ENVIRONMENT.md). A reduction that ends with warp shuffles could then be
+functions (docs/environment.md). A reduction that ends with warp shuffles could then be
 tested only on a GPU. This module adds them, with the semantics the GPU has:
 
 * **Same signatures as Numba's compiled intrinsics** (``numba/cuda/intrinsics.py``,

@@ -51,7 +51,7 @@ def add_kernel(a_ptr, b_ptr, out_ptr, n,
     a = tl.load(a_ptr + offsets, mask=mask)
     b = tl.load(b_ptr + offsets, mask=mask)
     # Add in float32 and round once on the store (what torch does for 16-bit types; the
-    # interpreter also needs it: its bfloat16 arithmetic is broken, see ENVIRONMENT.md).
+    # interpreter also needs it: its bfloat16 arithmetic is broken, see docs/environment.md).
     tl.store(out_ptr + offsets, a.to(tl.float32) + b.to(tl.float32), mask=mask)
 
 

@@ -39,7 +39,7 @@ Two ways to load tiles:
   boundaries, hiding each tile's epilogue under the next tile's loads.
   The benchmark measures all three.
 
-The interpreter's bf16 ``tl.dot`` gives garbage (ENVIRONMENT.md), so under emulation the
+The interpreter's bf16 ``tl.dot`` gives garbage (docs/environment.md), so under emulation the
 kernels take ``DOT_FP32=True``: the tiles are upcast and multiplied in fp32 there.
 """
 
@@ -83,7 +83,7 @@ else:
     CONFIGS_PERSISTENT = [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[4]]
 
 
-# The interpreter's bf16 tl.dot returns garbage (ENVIRONMENT.md): there the kernels
+# The interpreter's bf16 tl.dot returns garbage (docs/environment.md): there the kernels
 # multiply fp32 copies of the tiles. On a GPU: tensor cores, 16-bit operands.
 DOT_FP32 = runtime.is_emulated()
 

@@ -560,7 +560,7 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Under the interpreter a bf16/fp16 tl.dot is unreliable (ENVIRONMENT.md): the kernel then
+# Under the interpreter a bf16/fp16 tl.dot is unreliable (docs/environment.md): the kernel then
 # computes its dots in fp32 on the same (upcast) values. A module flag, so a GPU test can
 # run that path too.
 _DOT_FP32 = runtime.is_emulated()

@@ -24,7 +24,7 @@ ARGS ?=
 JOBS ?= 2
 LESSON ?=
 
-.PHONY: help setup doctor test-all test-fast bench profile sanitize clean
+.PHONY: help setup doctor test-all test-fast bench profile sanitize mutate clean
 
 help: ## list the targets
 	@echo "make lesson-NN [ARGS='--bench|--cpu|--help']  run lesson NN (01..09)"
@@ -65,6 +65,10 @@ profile: $(SETUP) ## Nsight Compute on a lesson's main kernel: make profile LESS
 
 sanitize: $(SETUP) ## compute-sanitizer memcheck+racecheck on a Numba lesson: make sanitize LESSON=04
 	@$(PY) scripts/sanitize.py --lesson $(LESSON)
+
+mutate: $(SETUP) ## mutation-test a lesson's kernels: make mutate LESSON=02 [ARGS='--list|--only 7|--max 5']
+	@test -n "$(LESSON)" || { echo "error: which lesson? make mutate LESSON=02"; exit 1; }
+	@$(PY) scripts/mutate.py $(LESSON) --python $(PY) $(ARGS)
 
 clean: ## remove caches (keeps .venv)
 	find . -name __pycache__ -prune -exec rm -rf {} + ; rm -rf .pytest_cache

@@ -294,15 +294,22 @@ class Pipeline:
                                    dx, dy))
 
     def _issue(self, c: int, stage: str, stream, h_x, h_y, iters: int):
-        lo, hi = self.bounds[c]
         if self.issue == "numba":
-            if stage == "h2d":
-                self.d_x[lo:hi].copy_to_device(h_x[lo:hi], stream=stream)
-            elif stage == "kernel":
-                launch_work(self.d_x[lo:hi], self.d_y[lo:hi], iters, stream)
-            else:
-                self.d_y[lo:hi].copy_to_host(h_y[lo:hi], stream=stream)
-            return
+            self._issue_numba(c, stage, stream, h_x, h_y, iters)
+        else:
+            self._issue_driver(c, stage, h_x, h_y, iters)
+
+    def _issue_numba(self, c: int, stage: str, stream, h_x, h_y, iters: int):
+        lo, hi = self.bounds[c]
+        if stage == "h2d":
+            self.d_x[lo:hi].copy_to_device(h_x[lo:hi], stream=stream)
+        elif stage == "kernel":
+            launch_work(self.d_x[lo:hi], self.d_y[lo:hi], iters, stream)
+        else:
+            self.d_y[lo:hi].copy_to_host(h_y[lo:hi], stream=stream)
+
+    def _issue_driver(self, c: int, stage: str, h_x, h_y, iters: int):
+        lo, hi = self.bounds[c]
         handle = self._handles[c % self.streams]
         if stage == "h2d":
             self._driver.cuMemcpyHtoDAsync(self._dx_ptr + 4 * lo, h_x.ctypes.data + 4 * lo,

@@ -17,6 +17,20 @@ emulation_only = pytest.mark.skipif(not runtime.is_emulated(),
                                     reason="inspects the simulator's calls")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _gpu_like_streams():
+    """Under emulation, streams behave as on a GPU (common/sim_streams.py): a copy or a
+    launch on a stream is queued and takes effect when the host synchronizes. Without
+    it the simulator runs every stream operation at once, and a pipeline that forgot its
+    synchronize() would still pass every test here."""
+    if not runtime.is_emulated():
+        yield
+        return
+    from common import sim_streams
+    with sim_streams.asynchronous():
+        yield
+
+
 def _buffers(n: int, seed: int):
     h_x = cuda.pinned_array(n, np.float32)
     h_x[:] = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
@@ -107,14 +121,73 @@ def test_the_calls_really_go_to_the_logged_streams(monkeypatch):
     h_x, h_y = _buffers(90, seed=3)
     base["x"], base["y"] = h_x.ctypes.data, h_y.ctypes.data
     pipe = sp.Pipeline(90, streams=3, chunks=6)
+    orig_record = type(pipe.t0).record
+
+    def record(self, stream=0):  # the events that bracket each op (its timeline on a GPU)
+        calls.append(("event", stream, self, None))
+        return orig_record(self, stream)
+
+    monkeypatch.setattr(type(pipe.t0), "record", record)
     tl = pipe.run(h_x, h_y, 2)
     _assert_output(h_x, h_y, 2)
-    assert len(calls) == len(tl.ops)
-    for (stage, stream, off, size), op in zip(calls, tl.ops):
+    assert calls[0][2] is pipe.t0
+    assert len(calls) == 1 + 3 * len(tl.ops)
+    for k, op in enumerate(tl.ops):
+        (_, s0, before, _), (stage, stream, off, size), (_, s1, after, _) = \
+            calls[1 + 3 * k: 4 + 3 * k]
         assert stage == op.stage
         assert stream is pipe.queues[op.stream], (op, stream)
+        assert s0 is stream and s1 is stream
+        assert (before, after) == pipe.events[k], f"op {k} must be bracketed by events[{k}]"
         if off is not None:
             assert (off, size) == (op.lo, op.hi - op.lo)
+
+
+@emulation_only
+def test_stream_work_lands_only_when_the_host_synchronizes():
+    """What the fixture above models, shown on one stream: the copy out of a kernel's result
+    is issued, returns, and h_y is still untouched until s.synchronize()."""
+    from common import sim_streams
+    h_x, h_y = _buffers(100, seed=8)
+    d_x, d_y = cuda.device_array(100, np.float32), cuda.device_array(100, np.float32)
+    s = cuda.stream()
+    d_x.copy_to_device(h_x, stream=s)
+    sp.launch_work(d_x, d_y, 3, s)
+    d_y.copy_to_host(h_y, stream=s)
+    assert np.isnan(h_y).all() and sim_streams.pending() == 3   # issued, not done
+    s.synchronize()
+    assert sim_streams.pending() == 0
+    _assert_output(h_x, h_y, 3)
+
+
+@emulation_only
+def test_the_pipeline_waits_for_every_stream_before_returning():
+    from common import sim_streams
+    h_x, h_y = _buffers(120, seed=9)
+    sp.Pipeline(120, streams=3, chunks=5).run(h_x, h_y, 2)
+    assert sim_streams.pending() == 0      # nothing left in flight when run() returns
+    _assert_output(h_x, h_y, 2)
+
+
+@emulation_only
+@pytest.mark.parametrize("n", [5, 31, 32, 33, 700])
+def test_launch_work_grid_is_one_wave_at_most(n, monkeypatch):
+    """work_kernel is grid-stride, so any grid gives the right numbers; the grid the lesson
+    asks for is one block per THREADS elements, capped at 8 blocks per SM (one full wave),
+    and at least one block."""
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    grids = []
+    orig = FakeCUDAKernel.__getitem__
+
+    def configure(self, config):
+        grids.append(config[0])
+        return orig(self, config)
+
+    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", configure)
+    d_x = cuda.device_array(n, np.float32)
+    sp.launch_work(d_x, cuda.device_array(n, np.float32), 1)
+    want = max(1, min(sp._num_sms() * 8, -(-n // sp.THREADS)))
+    assert grids == [want]
 
 
 def test_chunk_bounds_are_even_and_cover():

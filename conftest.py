@@ -29,3 +29,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "triton_unchecked: run without the interpreter's bounds check "
+        "(common/triton_bounds.py)")
+
+
+@pytest.fixture(autouse=True)
+def triton_bounds_check(request):
+    """Under emulation, every Triton launch in a test is bounds-checked: an active lane of a
+    tl.load/tl.store outside every tensor argument fails the test (the interpreter itself
+    neither faults nor warns; see common/triton_bounds.py). Opt out per test with
+    @pytest.mark.triton_unchecked."""
+    if runtime.is_gpu() or "triton_unchecked" in request.keywords \
+            or "triton" not in sys.modules:
+        yield
+        return
+    from common import triton_bounds
+    with triton_bounds.checked():
+        yield

@@ -161,3 +161,24 @@ def test_triton_int64_offsets_path():
     out = poisoned((5000,), torch.float32, DEV)
     vt.add_kernel[(vt.triton.cdiv(5000, 1024),)](a, b, out, 5000, BLOCK_SIZE=1024, INDEX_64=True)
     assert torch.equal(out, _spec(a, b))
+
+
+@pytest.mark.skipif(runtime.is_gpu(), reason="about Triton's interpreter")
+def test_interpreter_fails_a_load_past_the_end():
+    """Triton's interpreter neither faults nor warns on a tl.load past the end of a tensor:
+    it reads the CPU heap. The test suite checks every access (common/triton_bounds.py,
+    turned on in conftest.py), so the add_kernel without its mask fails here, as it
+    would under compute-sanitizer on a GPU; masked-off lanes may point anywhere."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def unmasked_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs), mask=offs < n)   # load: no mask
+
+    x, y = torch.randn(17), torch.empty(17)
+    with pytest.raises(Exception, match="tl.load out of bounds.*element 17 of the 17.*x_ptr"):
+        unmasked_copy[(2,)](x, y, 17, BLOCK=16)
+    unmasked_copy[(1,)](x, y, 16, BLOCK=16)   # in bounds: fine
+    assert torch.equal(y[:16], x[:16])

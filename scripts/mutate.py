@@ -25,10 +25,14 @@ report prints it beside the survivor. Format::
     [modules.stream_pipeline]
     functions = ["Pipeline.run"]           # host functions to mutate as well
 
+    [modules.matmul_triton]
+    tests = "not numba"                    # pytest -k: only tests that can run its code
+
     [[equivalent]]
     module = "vector_add_numba"
-    function = "add_kernel_ilp"
-    change = "<  ->  <="                   # as the report's "change" column shows it
+    function = "make_ilp_kernel.add_kernel_ilp"
+    operator = "index+1"
+    old = "base + (elems_per_thread - 1) * block"   # the source text the mutant replaces
     why = "one sentence: why no output can differ"
 
 Safety: before writing a mutant the original is saved under ``.git/mutate-backup/`` and a
@@ -78,6 +82,7 @@ class Mutant:
     function: str       # qualified name of the function it lies in
     operator: str       # cmp, index+1, index-1, drop-mask, drop-other, no-sync, no-shift, minmax, 0->1
     line: int
+    col: int
     start: int          # byte offsets of the replaced span in the original file
     end: int
     old: str
@@ -303,8 +308,10 @@ def mutants_of(path: Path, extra: list[str] = (), first_id: int = 1) -> list[Mut
     for start, end, op, new, fn, line in sorted(found, key=lambda t: (t[0], t[1], t[2])):
         if (start, end, new) in seen:
             continue
+        line = src.count(b"\n", 0, start) + 1   # the line the change starts on
         seen.add((start, end, new))
-        out.append(Mutant(first_id + len(out), path, module, fn, op, line, start, end,
+        col = start - off.starts[line - 1] if off.starts[line - 1] <= start else 0
+        out.append(Mutant(first_id + len(out), path, module, fn, op, line, col, start, end,
                           off.text(start, end), new))
     return out
 
@@ -381,9 +388,13 @@ class Outcome:
     output: str = ""
 
 
-def pytest_command(lesson: Path, python: str, jobs: int) -> list[str]:
+def pytest_command(lesson: Path, python: str, jobs: int, select: str = "") -> list[str]:
+    """The lesson's fast tests; ``select`` (mutation.toml's ``tests`` for a module) is a
+    ``-k`` expression that leaves out tests which cannot run the module's code."""
     cmd = [python, "-m", "pytest", str(lesson.relative_to(ROOT)), "-x", "-q",
            "-p", "no:cacheprovider", "-rfE", "--no-header"]
+    if select:
+        cmd += ["-k", select]
     marks_slow = any("mark.slow" in p.read_text() for p in lesson.glob("test_*.py"))
     if marks_slow:
         cmd += ["-m", "not slow"]
@@ -437,10 +448,12 @@ def run_mutant(m: Mutant, cmd: list[str], timeout: float) -> Outcome:
 
 # --- the report -----------------------------------------------------------------------------
 def _note_for(m: Mutant, config: dict) -> str:
+    """The argument mutation.toml gives for this survivor (matched on module, function,
+    operator and the source text replaced, so it survives edits elsewhere in the file)."""
+    norm = lambda s: " ".join(str(s).split())  # noqa: E731
     for e in config.get("equivalent", []):
-        if e.get("module") == m.module and e.get("function") == m.function and \
-                " ".join(e.get("change", "").split()) == " ".join(m.change.split()) and \
-                e.get("line", m.line) == m.line:
+        if e.get("module") == m.module and e.get("function") == m.function \
+                and e.get("operator") == m.operator and norm(e.get("old")) == norm(m.old):
             return e["why"]
     return ""
 
@@ -466,24 +479,24 @@ def write_report(lesson: Path, module: str, results, config: dict, cmd: list[str
              f"{'emulation' if os.environ.get('COURSE_MODE', 'auto') != 'gpu' else 'GPU'} "
              "mode. Each mutant is one change to the module on disk; the lesson's tests ran "
              "against it:", "",
-             f"    {' '.join(c if ' ' not in c else repr(c) for c in cmd[1:])}", "",
+             f"    python {' '.join(c if ' ' not in c else repr(c) for c in cmd[1:])}", "",
              f"Baseline (no mutant): passed in {baseline.seconds:.1f} s. "
              "Mutant ids are positions in today's file: `--only ID` re-runs one.", "",
              "**" + summary_line(lesson, module, results) + "**", "",
-             "| id | line | function | operator | change | result | killed by |",
+             "| id | line:col | function | operator | change | result | killed by |",
              "|---|---|---|---|---|---|---|"]
     for m, o in results:
         change = m.change.replace("|", "\\|")
         killer = o.killer.replace("|", "\\|")
-        lines.append(f"| {m.id} | {m.line} | `{m.function}` | {m.operator} | `{change}` | "
+        lines.append(f"| {m.id} | {m.line}:{m.col} | `{m.function}` | {m.operator} | `{change}` | "
                      f"{o.status} | {killer} |")
     surv = [(m, o) for m, o in results if o.status == "survived"]
     lines += ["", "## Survivors", ""]
     if not surv:
         lines.append("None.")
     for m, o in surv:
-        note = _note_for(m, config)
-        lines.append(f"- **{m.id}** line {m.line}, `{m.function}`, `{m.change}`: "
+        note = " ".join(_note_for(m, config).split())
+        lines.append(f"- **{m.id}** line {m.line}:{m.col}, `{m.function}`, `{m.change}`: "
                      + (f"equivalent. {note}" if note else
                         "**not argued**: add a test that kills it, or its reason to "
                         "mutation.toml"))
@@ -524,22 +537,22 @@ def main(argv=None) -> int:
         print("mutate:", s)
     if args.restore:
         return 0
-    if args.module:
-        modules = [(p, e) for p, e in modules if p.stem == args.module]
-        if not modules:
-            raise SystemExit(f"{lesson.name} has no kernel module {args.module!r}")
-
     by_module: dict[str, list[Mutant]] = {}
     next_id = 1
-    for path, extra in modules:
+    for path, extra in modules:   # ids count over every module: --module keeps them
         ms = mutants_of(path, extra, next_id)
         next_id += len(ms)
         by_module[path.stem] = ms
+    if args.module:
+        if args.module not in by_module:
+            raise SystemExit(f"{lesson.name} has no kernel module {args.module!r}")
+        by_module = {args.module: by_module[args.module]}
+        modules = [(p, e) for p, e in modules if p.stem == args.module]
     everything = [m for ms in by_module.values() for m in ms]
 
     if args.list:
         for m in everything:
-            print(f"{m.id:4d}  {m.module}.py:{m.line:<4d} {m.function:<28s} {m.operator:<10s} "
+            print(f"{m.id:4d}  {m.module}.py:{m.line}:{m.col:<3d} {m.function:<28s} {m.operator:<10s} "
                   f"{m.change}")
         print(f"{len(everything)} mutants in {len(by_module)} module(s) of {lesson.name}")
         return 0
@@ -561,6 +574,10 @@ def main(argv=None) -> int:
         print("mutate: note: the kernel modules have uncommitted changes; the working copy "
               "is what gets mutated, and restored", file=sys.stderr)
 
+    selects = {p.stem: config.get("modules", {}).get(p.stem, {}).get("tests", "")
+               for p, _ in modules}
+    cmds = {stem: pytest_command(lesson, args.python, args.jobs, sel)
+            for stem, sel in selects.items()}
     cmd = pytest_command(lesson, args.python, args.jobs)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"mutate: baseline: {' '.join(cmd[1:])}", flush=True)
@@ -577,7 +594,7 @@ def main(argv=None) -> int:
     results: dict[str, list] = {}
     try:
         for m in chosen:
-            o = run_mutant(m, cmd, timeout)
+            o = run_mutant(m, cmds[m.module], timeout)
             results.setdefault(m.module, []).append((m, o))
             print(f"{m.id:4d} {o.status:8s} {o.seconds:5.1f}s  {m.module}.py:{m.line} "
                   f"{m.operator:9s} {m.change}  {o.killer}", flush=True)
@@ -591,7 +608,7 @@ def main(argv=None) -> int:
     for module, res in results.items():
         print(summary_line(lesson, module, res))
         if not partial and not args.no_report:
-            print("  report:", write_report(lesson, module, res, config, cmd, baseline)
+            print("  report:", write_report(lesson, module, res, config, cmds[module], baseline)
                   .relative_to(ROOT))
     allres = [r for res in results.values() for r in res]
     detected = sum(o.status != "survived" for _, o in allres)

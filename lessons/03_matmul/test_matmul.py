@@ -90,6 +90,15 @@ def test_numba_regblock_full_tile_fast_path():
     _check(_run(mn.matmul_regblock, a, b), a, b, "regblock full tiles")
 
 
+@pytest.mark.parametrize("M,N,K", [(130, 9, 11), (7, 131, 17)])
+def test_numba_regblock_several_blocks(M, N, K):
+    """The 128 x 128 block tile under the simulator with a grid of 2 x 1 and 1 x 2 blocks
+    (the ragged shapes above fit one block): blockIdx.x and blockIdx.y each matter, and the
+    second block is an edge block."""
+    a, b = _operands(M, N, K, torch.float32, seed=M + N)
+    _check(_run(mn.matmul_regblock, a, b), a, b, f"regblock {M}x{N}x{K}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", GPU_SHAPES)
 @pytest.mark.parametrize("name,fn", RUNGS, ids=[k for k, _ in RUNGS])

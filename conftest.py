@@ -16,6 +16,20 @@ for _lesson in all_lessons():
         sys.path.insert(1, str(_lesson))
 
 
+# hypothesis (property tests of lessons 06-09): few, reproducible examples under emulation
+# (the simulator and the interpreter are slow; CI must draw the same cases every run), more
+# on a GPU. A test may ask for a fraction of the profile's examples, never a fixed count.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("cpu", max_examples=6, deadline=None, derandomize=True,
+                          database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("gpu", max_examples=60, deadline=None, derandomize=True,
+                          database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gpu" if runtime.is_gpu() else "cpu")
+
+
 def pytest_report_header(config):
     return runtime.banner()
 

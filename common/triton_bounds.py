@@ -11,6 +11,9 @@ compute-sanitizer's memcheck does on a GPU:
 
 * when a kernel is launched, the memory of every tensor argument (its whole storage, so
   views and offsets are fine) is noted as an *allocation*;
+* a masked ``tl.load`` without ``other=`` gives NaN in its masked-off lanes (floating
+  types): Triton leaves those values undefined, the interpreter makes them 0, which
+  would hide a kernel that sums or multiplies them (an accumulation along K, say);
 * each ``tl.load`` / ``tl.store`` checks its **active** lanes (the ones ``mask`` lets through;
   masked-off lanes may point anywhere, that is what the mask is for): every address,
   with its element size, must lie inside one allocation. If one does not, the launch
@@ -124,7 +127,15 @@ def install() -> None:
             _state.allocs = None
 
     def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        _check("tl.load", ptrs, mask, np.dtype(it._get_np_dtype(ptrs.get_element_ty())).itemsize)
+        dtype_tt = ptrs.get_element_ty()
+        dtype_np = np.dtype(it._get_np_dtype(dtype_tt))
+        _check("tl.load", ptrs, mask, dtype_np.itemsize)
+        if other is None and (dtype_np.kind == "f" or dtype_tt.is_bf16()):
+            # tl.load: "If other is None, the masked-out value is undefined." The
+            # interpreter returns 0, which hides a kernel that relies on it: NaN here
+            # (bfloat16 is held as uint16 bits by the interpreter: 0x7FC0 is its NaN).
+            nan = np.nan if dtype_np.kind == "f" else 0x7FC0
+            other = it.TensorHandle(np.full(np.shape(ptrs.data), nan, dtype=dtype_np), dtype_tt)
         return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     def create_masked_store(self, ptrs, value, mask, cache_policy):

@@ -425,6 +425,8 @@ def run_tests(cmd: list[str], timeout: float) -> Outcome:
     dt = time.perf_counter() - t
     if proc.returncode == 0:
         return Outcome("survived", dt, "", text)
+    if proc.returncode in (3, 4):  # pytest's internal / usage error: the tool, not a test
+        raise SystemExit(f"mutate: pytest failed to run (exit {proc.returncode}):\n{text[-3000:]}")
     m = _KILLER.search(text)
     killer = m.group(2) if m else f"pytest exit {proc.returncode} (no test reached: import or " \
                                   "collection error)"

@@ -33,6 +33,7 @@ report prints it beside the survivor. Format::
     function = "make_ilp_kernel.add_kernel_ilp"
     operator = "index+1"
     old = "base + (elems_per_thread - 1) * block"   # the source text the mutant replaces
+    lines = [78]        # optional, for a change as common as "<": a moved line is not argued
     why = "one sentence: why no output can differ"
 
 Safety: before writing a mutant the original is saved under ``.git/mutate-backup/`` and a
@@ -455,7 +456,8 @@ def _note_for(m: Mutant, config: dict) -> str:
     norm = lambda s: " ".join(str(s).split())  # noqa: E731
     for e in config.get("equivalent", []):
         if e.get("module") == m.module and e.get("function") == m.function \
-                and e.get("operator") == m.operator and norm(e.get("old")) == norm(m.old):
+                and e.get("operator") == m.operator and norm(e.get("old")) == norm(m.old) \
+                and e.get("lines", [m.line]).count(m.line):  # optional: a short, common change
             return e["why"]
     return ""
 

@@ -312,7 +312,7 @@ def run_features(seqlen=8192):
                             f"({val or 0:.0f})")
             console.print(f"{mode} {label}: " + ", ".join(line))
             del q, k, v
-        path = report.save()
+            path = report.save()  # after every case: a run cut short keeps what it measured
     report.print()
     console.print(f"saved {path}")
 

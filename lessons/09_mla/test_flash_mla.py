@@ -466,6 +466,63 @@ def test_device_check_passes_flashmla_unused_slots():
     assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
 
 
+@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (2, False), (3, True)])
+def test_lengths_that_fill_the_table_exactly_pass_the_check(seqlen_q, causal):
+    """The largest legal length, block_table.shape[1] x 64 (no spare table slot), on a
+    page boundary, beside lengths one either side of one: the device check accepts it
+    (a bound off by one rejects a full table) and the result is the reference's. With
+    seqlen_q > 1 and causal=False every query row sees every key (no per-row limit)."""
+    q, k_cache, bt, lens = make_problem([2 * PAGE_SIZE, PAGE_SIZE + 1, PAGE_SIZE - 1],
+                                        seqlen_q, 16, 1, torch.bfloat16, seed=11,
+                                        spare_slots=0)
+    assert int(lens.max()) == bt.shape[1] * PAGE_SIZE
+    meta, _ = get_mla_metadata()
+    out, lse = flash_mla_with_kvcache(q, k_cache, bt, lens, HEAD_DIM_V, meta, causal=causal)
+    ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, bt, lens, HEAD_DIM_V, causal=causal)
+    base_out, _ = paged_mla_decode_ref(q, k_cache, bt, lens, HEAD_DIM_V, causal=causal,
+                                       compute_dtype=torch.bfloat16)
+    assert_error_within(out, base_out.to(out.dtype), ref_out, factor=2,
+                        slack=SLACK[torch.bfloat16])
+    assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("plan", flash_mla.PLANS)
+def test_a_plan_for_longer_lengths_reads_only_the_current_keys(plan):
+    """The 2025 form: metadata planned for longer sequences (one of them since emptied to
+    length 0) and used with the current lengths. The decode kernel clamps every split's
+    key range to the current length, so the splits past it are empty (the combine merges
+    their -inf lse) and no key past the end is read (those rows hold NaN)."""
+    now = [100, 0, 5, 64]
+    q, k_cache, bt, lens = make_problem(now, 2, 16, 1, torch.bfloat16, seed=12)
+    before = _lens(3 * PAGE_SIZE + 1, 2 * PAGE_SIZE, PAGE_SIZE + 7, 2 * PAGE_SIZE)
+    meta, ns = plan_mla_splits(before, 32, 1, num_sm_parts=20, plan=plan)
+    assert (ns[1:] - ns[:-1]).max() >= 2, "some sequence must be split"
+    out, lse = flash_mla_with_kvcache(q, k_cache, bt, lens, HEAD_DIM_V, meta, ns, causal=True)
+    ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, bt, lens, HEAD_DIM_V, causal=True)
+    assert not torch.isnan(out).any(), "NaN in out: a key past the length was read"
+    assert_close(out, ref_out, dtype=torch.bfloat16, name="out")
+    assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+    assert torch.all(out[1] == 0) and torch.isposinf(lse[1]).all()
+
+
+@pytest.mark.parametrize("plan", flash_mla.PLANS)
+def test_a_plan_without_spare_rows(plan):
+    """The 2025 form with metadata of exactly num_splits[-1] rows (the planner's rows cut
+    to those it used): the last split's slot is the last row of the split buffers, and
+    the kernels' clamps of the slot to the buffers must not move it."""
+    lens = [2 * PAGE_SIZE + 1, PAGE_SIZE - 1, 3 * PAGE_SIZE]
+    q, k_cache, bt, cache_seqlens = make_problem(lens, 1, 16, 1, torch.bfloat16, seed=13)
+    meta, ns = plan_mla_splits(cache_seqlens, 16, 1, num_sm_parts=20, split_cost=0.0,
+                               plan=plan)
+    used = int(ns[-1])
+    assert used > len(lens) and (meta[used:, 0] == -1).all()
+    meta = meta[:used].contiguous()
+    out, lse = flash_mla_with_kvcache(q, k_cache, bt, cache_seqlens, HEAD_DIM_V, meta, ns)
+    ref_out, ref_lse = paged_mla_decode_ref(q, k_cache, bt, cache_seqlens, HEAD_DIM_V)
+    assert_close(out, ref_out, dtype=torch.bfloat16, name="out")
+    assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4, name="lse")
+
+
 def views_in_poison(lens, seqlen_q=1, heads_q=16, seed=0, extra_cols=3):
     """q, k_cache and block_table as views inside larger NaN-filled buffers. Every row
     of every page in the view is finite, so a read that stays inside the tensors given

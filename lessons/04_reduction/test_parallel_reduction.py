@@ -8,6 +8,8 @@ tests repeat the checks at 10^6 and 2^28 elements.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,89 @@ def test_gpu_two_to_the_28():
         bound = ro.gamma(ro.rounding_depth(n, rung, pr.BLOCK, launches)) * abs_sum
         assert abs(pr.reduce_sum(x, rung=rung).item() - exact) <= bound, rung
         assert pr.reduce_max(x, rung=rung).item() == top, rung
+
+
+# --- mutation-testing finds (make mutate LESSON=04): what the checks above let through ---
+
+
+@pytest.mark.parametrize("rung", [r for r in RUNGS if r != "grid_stride_atomic"])
+def test_max_of_equal_values_keeps_the_left_operand(rung):
+    # _max is `a if a >= b else b`: of two equal operands the left one wins. x[0] is the
+    # left operand of every combine it takes part in, so a max over zeros keeps its sign.
+    # (`==` cannot see this: -0.0 == 0.0; the sign bit can.) It also sees what a sum
+    # cannot: shared memory rotated by one slot (a store to sdata[tid - 1]) folds the same
+    # pairs, only with their operands swapped, and a + b == b + a exactly.
+    x_np = np.zeros(150, np.float32)   # 2-3 blocks, then a second pass
+    x_np[0] = -0.0
+    got = pr.reduce_max(torch.from_numpy(x_np).to(DEVICE), rung=rung).item()
+    assert got == 0.0 and math.copysign(1.0, got) == -1.0, got
+
+
+@pytest.fixture
+def poisoned_shared(monkeypatch):
+    """Under emulation: every block starts with shared memory full of NaN, as if another
+    block had just left garbage there (on a GPU it is simply uninitialised). Without it
+    the simulator hands each block the previous block's shared array, whose stale words
+    are often the very values a thread would have read after the barrier it skipped, so
+    a missing syncthreads can pass. With it, a read before the write it should wait for
+    gives NaN, which no sum or max turns back into the right answer."""
+    if not runtime.is_emulated():
+        yield
+        return
+    from numba.cuda.simulator import kernel as sim_kernel, kernelapi
+
+    arrays = []
+
+    class _PoisonNumpy:  # kernelapi's `np`, with np.empty (shared/local arrays) -> NaN
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def empty(self, shape, dtype=float):
+            a = np.empty(shape, dtype)
+            if a.dtype.kind == "f":
+                a.fill(np.nan)
+                arrays.append(a)
+            return a
+
+    run = sim_kernel.BlockManager.run
+
+    def run_poisoned(self, grid_point, *args):
+        for a in arrays:   # the allocation is reused by every block of the launch
+            a.fill(np.nan)
+        return run(self, grid_point, *args)
+
+    monkeypatch.setattr(kernelapi, "np", _PoisonNumpy())
+    monkeypatch.setattr(sim_kernel.BlockManager, "run", run_poisoned)
+    yield
+
+
+def _first_pass(x_np: np.ndarray, rung: str, grid: int, block: int = pr.BLOCK) -> np.ndarray:
+    """One launch of a rung's kernel on x: every block's partial (no wrapper, no 2nd pass)."""
+    x = torch.from_numpy(x_np).to(DEVICE)
+    out = torch.full((grid,), np.nan, dtype=torch.float32, device=DEVICE)
+    pr.kernel_for(rung, "sum", block)[grid, block](pr._view(x), pr._view(out), x_np.size)
+    return out.cpu().numpy()
+
+
+@pytest.mark.parametrize("rung", list(ro.TREE_RUNGS))
+def test_each_block_writes_its_own_partial(rung, poisoned_shared):
+    # Three blocks, each partial checked bit for bit in its own slot: a block writing its
+    # neighbour's slot, or reading one element too far, cannot hide in the final sum (two
+    # partials added in swapped order give the same float; three or more need not).
+    # n = 3 blocks' worth - 1: the last block is one element short, and for the rungs that
+    # add two elements while loading (epb = 2) its last thread finds i + block == n.
+    epb = ro.TREE_RUNGS[rung][1]
+    x_np = _data(3 * epb * pr.BLOCK - 1, seed=35)
+    got = _first_pass(x_np, rung, 3)
+    want = ro.tree_pass(x_np, "sum", rung, pr.BLOCK)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_grid_stride_partials_and_loop_bounds(poisoned_shared):
+    # 3 blocks (T = 192 threads) over n = 7T + 10: every thread runs the 4-wide loop once,
+    # threads 0-9 a second time (thread 9 with i + 3T == n - 1 exactly, the last element
+    # the loop may take), the others finish in the tail loop. Partials bit for bit.
+    T = 3 * pr.BLOCK
+    x_np = _data(7 * T + 10, seed=36)
+    got = _first_pass(x_np, "grid_stride_two_pass", 3)
+    np.testing.assert_array_equal(got, ro.grid_stride_pass(x_np, "sum", pr.BLOCK, 3))

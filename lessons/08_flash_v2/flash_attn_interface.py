@@ -112,7 +112,7 @@ def _problem(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, causal, wl, wr, softcap
                        window=(wl, wr), softcap=softcap, alibi_slopes=alibi)
 
 
-def _lse_shape(q, cu_q, max_sq):
+def _lse_shape(q, cu_q):
     if cu_q is not None:                 # packed: (heads, total_q)
         return (q.shape[1], q.shape[0])
     return (q.shape[0], q.shape[2], q.shape[1])
@@ -132,7 +132,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if k.shape[0 if p.varlen else 1] == 0 or max_seqlen_k == 0:
         # no keys at all: every row is empty (zeros, lse = +inf), nothing to launch
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.full(_lse_shape(q, cu_seqlens_q, max_seqlen_q), math.inf,
+        lse = torch.full(_lse_shape(q, cu_seqlens_q), math.inf,
                          dtype=torch.float32, device=q.device)
         return out, lse
     return fa._flash_fwd(q, k, v, p)
@@ -142,7 +142,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
       window_left, window_right, softcap, alibi_slopes):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32))
+            q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32))
 
 
 @torch.library.custom_op("course::flash_attn_bwd", mutates_args=())
@@ -166,9 +166,6 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_TENSOR_INPUTS = 3  # q, k, v get gradients; every other input of _fwd_op is a constant
-
-
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_sq, max_sk, scale, causal, wl, wr, softcap, alibi) = inputs
     out, lse = output
@@ -183,7 +180,7 @@ def _backward(ctx, dout, _dlse):
     dq, dk, dv = _bwd_op(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out,
                          lse, cu_q, cu_k, max_sq, max_sk, scale, causal, wl, wr, softcap,
                          alibi)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 10   # q, k, v get gradients; the rest are constants
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
